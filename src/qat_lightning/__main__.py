@@ -1,0 +1,88 @@
+"""`python -m qat_lightning +exp=NAME [overrides]`: compose the config, validate it, run its stages.
+
+With no `+exp`, the embedded default experiment (`smollm2_w4a8kv4`) runs: `conf/config.yaml` *is* that
+experiment, because Hydra refuses `+exp=` when `exp` sits in the primary defaults list.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+_JOB_OVERRIDES = "QAT_LIGHTNING_JOB_OVERRIDES"
+_JOB_DIR = "QAT_LIGHTNING_JOB_DIR"
+
+log = logging.getLogger("qat_lightning")
+
+
+def _rewrite_argv_for_sweep_child() -> None:
+    """A rank relaunched by Lightning re-runs `sys.argv`; inside a `-m` sweep that would re-run the whole
+    sweep (Hydra #2070). The parent job left its own overrides and run dir in the environment: use them,
+    so the child joins exactly that job and writes into the same run dir."""
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 or _JOB_OVERRIDES not in os.environ:
+        return
+    overrides = json.loads(os.environ[_JOB_OVERRIDES])
+    job_dir = os.environ[_JOB_DIR]
+    sys.argv = [sys.argv[0], *overrides, f"hydra.run.dir={job_dir}", "hydra.output_subdir=null"]
+
+
+def _export_job_for_children() -> None:
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        os.environ[_JOB_OVERRIDES] = json.dumps(list(hc.overrides.task))
+        os.environ[_JOB_DIR] = hc.runtime.output_dir
+
+
+def _end_job() -> None:
+    """Leave no process group or port behind for the next job of a sweep."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for var in (_JOB_OVERRIDES, _JOB_DIR, "MASTER_PORT"):
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            os.environ.pop(var, None)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def run(cfg: DictConfig) -> None:
+    from qat_lightning.config import ConfigError, validate_config
+
+    try:
+        run_cfg = validate_config(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    from qat_lightning.stages import RunContext, run_stages
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    _export_job_for_children()
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    ctx = RunContext(run_cfg, run_dir, resolved_cfg=resolved)
+    try:
+        run_stages(ctx)
+    finally:
+        _end_job()
+    if ctx.results is not None:
+        log.info("results: %s", ctx.results.path)
+
+
+def main() -> None:
+    from qat_lightning.config import register_configs
+
+    _rewrite_argv_for_sweep_child()
+    register_configs()
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""The stages a run chains: quantize → generate → train → evaluate → export.
+
+Each stage reads the validated `RunConfig` and a `RunContext` (models loaded once, the corpus path, the
+trained student) and adds `"<stage>/<method>/<metric>"` numbers to the run's `results.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qat_lightning.config import RunConfig
+from qat_lightning.results import Results
+
+log = logging.getLogger("qat_lightning")
+
+
+def global_rank() -> int:
+    """This process's rank, whoever launched it (torchrun sets RANK; Lightning's launcher LOCAL_RANK)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+class RunContext:
+    """What stages share within one run: the config, the run dir, loaded models and the results file."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | os.PathLike, resolved_cfg: dict | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resolved_cfg = resolved_cfg or {}
+        self.rank = global_rank()
+        self.results = Results(self.run_dir) if self.rank == 0 else None
+        self._teacher: nn.Module | None = None
+        self._tokenizer = None
+        self.student: nn.Module | None = None
+        self.corpus_path: Path | None = None
+
+    def record(self, stage: str, method: str, metrics: dict[str, float]) -> None:
+        if self.results is not None:
+            self.results.add(stage, method, metrics)
+
+    def teacher(self):
+        """(teacher, tokenizer), loaded once per run, frozen and in eval mode."""
+        if self._teacher is None:
+            from qat_lightning.models import load_model
+
+            self._teacher, self._tokenizer = load_model(self.cfg.model)
+            self._teacher.requires_grad_(False).eval()
+        return self._teacher, self._tokenizer
+
+    def drop_models(self) -> None:
+        self._teacher = None
+        self.student = None
+
+
+# ---- quantize ------------------------------------------------------------------------------------
+def stage_quantize(ctx: RunContext) -> None:
+    """Build the student and report what was quantized and how."""
+    from qat_lightning.quant import quant_summary, quantize_model
+
+    teacher, _ = ctx.teacher()
+    student = quantize_model(teacher, ctx.cfg.quant)
+    summary = quant_summary(student)
+    log.info("student %s: %s", ctx.cfg.quant.setting, json.dumps(summary, default=str))
+    ctx.record("quantize", "student", {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    ctx.student = student
+
+
+# ---- generate ------------------------------------------------------------------------------------
+def corpus_dir(cfg: RunConfig) -> Path:
+    """Where the teacher's corpus lives: configured, or keyed by model and generation settings."""
+    if cfg.generation.out_dir:
+        return Path(cfg.generation.out_dir).expanduser()
+    gen = asdict(cfg.generation)
+    gen.pop("num_sequences", None)  # a bigger corpus of the same settings extends the same folder
+    gen.pop("out_dir", None)
+    model = {k: v for k, v in asdict(cfg.model).items() if k not in ("cache_dir", "dtype")}
+    digest = hashlib.sha256(json.dumps([gen, model], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return Path(cfg.paths.data_dir).expanduser() / "generated" / cfg.model.name / f"{cfg.generation.strategy}-{digest}"
+
+
+def stage_generate(ctx: RunContext) -> None:
+    """The teacher writes its own training corpus (skipped when the corpus is already complete)."""
+    from qat_lightning.data import corpus_is_complete, generate_corpus
+
+    cfg = ctx.cfg
+    path = corpus_dir(cfg)
+    ctx.corpus_path = path
+    log.info("generated corpus: %s", path)
+    if corpus_is_complete(path, cfg.generation):
+        log.info("corpus complete (%d sequences): skipping generation", cfg.generation.num_sequences)
+        stats = None
+    else:
+        teacher, tokenizer = ctx.teacher()
+        stats = generate_corpus(
+            teacher, tokenizer, cfg.generation, path, model_name=cfg.model.name,
+            rank=ctx.rank, world_size=world_size(),
+        )
+    if stats is not None:
+        ctx.record("generate", "teacher", {
+            "num_sequences": stats["num_sequences"],
+            "num_tokens": stats["num_tokens"],
+            "tokens_per_s": stats["tokens_per_s"],
+        })
+
+
+# ---- data helpers --------------------------------------------------------------------------------
+def build_data(ctx: RunContext):
+    """The DataModule for the configured source (generating the corpus first when it is needed)."""
+    from qat_lightning.data import build_datamodule
+
+    cfg = ctx.cfg
+    _, tokenizer = ctx.teacher()
+    generated = None
+    if cfg.data.source in ("generated", "mixed"):
+        if ctx.corpus_path is None:
+            stage_generate(ctx)
+        generated = ctx.corpus_path
+    dm = build_datamodule(cfg.data, tokenizer, generated_path=generated)
+    return dm
+
+
+def sample_batches(dm, split: str, n: int) -> list[dict[str, torch.Tensor]]:
+    """The first `n` batches of a split (calibration for baselines, held-out data for KL)."""
+    dm.setup("fit")
+    loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) >= n:
+            break
+    return batches
+
+
+# ---- train ---------------------------------------------------------------------------------------
+def stage_train(ctx: RunContext) -> None:
+    from qat_lightning.distill.trainer import train_student
+
+    train_student(ctx)
+
+
+# ---- evaluate ------------------------------------------------------------------------------------
+def load_student(ctx: RunContext, path: str | os.PathLike) -> nn.Module:
+    """Rebuild a student saved by `train` (its quant config + safetensors weights)."""
+    from qat_lightning.distill.trainer import load_saved_student
+
+    teacher, _ = ctx.teacher()
+    return load_saved_student(teacher, path)
+
+
+def _method_model(ctx: RunContext, method: str, calib: list[dict]) -> nn.Module:
+    cfg = ctx.cfg
+    teacher, _ = ctx.teacher()
+    if method == "qat":
+        if ctx.student is not None:
+            return ctx.student
+        path = cfg.student_path or (ctx.run_dir / "student")
+        if not Path(path).exists():
+            raise FileNotFoundError(
+                f"no trained student at {path}: add 'train' to stages or set student_path=<run dir>/student"
+            )
+        return load_student(ctx, path)
+    from qat_lightning.baselines import build_baseline
+
+    return build_baseline(method, teacher, cfg.quant, calib_batches=calib, alpha=cfg.smoothquant_alpha)
+
+
+def stage_evaluate(ctx: RunContext) -> dict[str, dict[str, float]]:
+    """Score the teacher, the QAT student and every configured baseline the same way; print the table."""
+    from qat_lightning.eval import evaluate_model
+
+    cfg = ctx.cfg
+    teacher, tokenizer = ctx.teacher()
+    needs_data = "kl" in cfg.evaluate.tasks or any(m in ("smoothquant", "gptq", "awq") for m in cfg.evaluate.methods)
+    heldout, calib = None, []
+    if needs_data:
+        dm = build_data(ctx)
+        heldout = sample_batches(dm, "val", cfg.evaluate.kl_batches) if "kl" in cfg.evaluate.tasks else None
+        calib = sample_batches(dm, "train", cfg.calib_batches)
+    table: dict[str, dict[str, float]] = {}
+    for method in cfg.evaluate.methods:
+        model = _method_model(ctx, method, calib)
+        model.eval()
+        metrics = evaluate_model(model, tokenizer, cfg.evaluate, teacher=teacher, heldout_batches=heldout)
+        table[method] = metrics
+        ctx.record("evaluate", method, metrics)
+        log.info("evaluate %s: %s", method, metrics)
+    text = format_table(table, title=f"{cfg.name} ({cfg.quant.setting})")
+    print(text, flush=True)
+    if ctx.rank == 0:
+        (ctx.run_dir / "results.md").write_text(text + "\n")
+    return table
+
+
+def format_table(table: dict[str, dict[str, float]], title: str = "") -> str:
+    metrics: list[str] = []
+    for row in table.values():
+        metrics += [m for m in row if m not in metrics]
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| method | " + " | ".join(metrics) + " |")
+    lines.append("|---|" + "---|" * len(metrics))
+    for method, row in table.items():
+        cells = [f"{row[m]:.4g}" if m in row and row[m] is not None else "-" for m in metrics]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---- export --------------------------------------------------------------------------------------
+def stage_export(ctx: RunContext) -> None:
+    from qat_lightning.export import export_student
+
+    cfg = ctx.cfg
+    student = _method_model(ctx, "qat", [])
+    _, tokenizer = ctx.teacher()
+    out = Path(cfg.export.out_dir) if cfg.export.out_dir else ctx.run_dir / "export"
+    stats = export_student(student, out, tokenizer=tokenizer, extra_meta={"experiment": cfg.name})
+    log.info("exported to %s: %s", out, stats)
+    ctx.record("export", "student", {k: v for k, v in stats.items() if isinstance(v, (int, float))})
+
+
+STAGE_FUNCTIONS = {
+    "quantize": stage_quantize,
+    "generate": stage_generate,
+    "train": stage_train,
+    "evaluate": stage_evaluate,
+    "export": stage_export,
+}
+
+
+def run_stages(ctx: RunContext) -> None:
+    for stage in ctx.cfg.stages:
+        log.info("stage %s", stage)
+        STAGE_FUNCTIONS[stage](ctx)
+        if stage == "train" and ctx.rank != 0:
+            return  # extra ranks exist for training; rank 0 evaluates and exports

@@ -1,0 +1,91 @@
+"""Every experiment composes, validates and runs a few steps on a tiny model of its family."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONF_DIR, REPO, compose, tiny_overrides
+
+from qat_lightning.config import ConfigError, validate_config
+from qat_lightning.results import load_results
+from qat_lightning.stages import RunContext, run_stages
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "exp").glob("*.yaml"))
+
+
+def test_default_config_is_the_embedded_experiment():
+    cfg = validate_config(compose([]))
+    assert cfg.name == "smollm2_w4a8kv4"
+    assert cfg.model.source == "smollm2"
+    assert (cfg.quant.w_bits, cfg.quant.a_bits, cfg.quant.kv_bits) == (4, 8, 4)
+    assert cfg.stages == ["generate", "train", "evaluate"]
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(exp):
+    cfg = validate_config(compose([f"+exp={exp}", "paths.root_dir=/tmp/x", "paths.output_dir=/tmp/x/run"]))
+    assert cfg.name == exp
+    setting = exp.split("_", 1)[1].upper()
+    # the name states exactly what is quantized: w4a4 keeps KV at 16, w4 keeps A and KV at 16
+    bits = {"W": cfg.quant.w_bits, "A": cfg.quant.a_bits, "KV": cfg.quant.kv_bits}
+    for key in ("KV", "A", "W"):
+        if key in setting:
+            value, setting = setting.rsplit(key, 1)[1], setting.rsplit(key, 1)[0]
+            assert bits.pop(key) == int(value), exp
+    assert all(b >= 16 for b in bits.values()), f"{exp} quantizes something its name does not state: {bits}"
+    if exp.startswith("llama"):
+        assert cfg.model.source == "hub" and "llama" in cfg.model.name_or_path
+        assert cfg.strategy.name == "fsdp" and cfg.trainer.devices == 8
+        assert cfg.optim.lr == 2e-5 and cfg.optim.weight_decay == 0.0
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_every_experiment_runs_on_a_tiny_model_of_its_family(exp, tmp_path):
+    overrides = [f"+exp={exp}", *tiny_overrides(tmp_path), "trainer.max_steps=2", "trainer.precision=32-true",
+                 "trainer.accelerator=cpu", "trainer.devices=1", "evaluate.methods=[fp,rtn,qat]",
+                 "callbacks.checkpoint=false", "callbacks.checkpoint_every_n_steps=null",
+                 "trainer.val_check_interval=null", "generation.num_sequences=8"]
+    cfg = validate_config(compose(overrides))
+    ctx = RunContext(cfg, tmp_path / "run")
+    run_stages(ctx)
+    results = load_results(tmp_path / "run")
+    assert results["train/student/steps"] == 2
+    for method in ("fp", "rtn", "qat"):
+        assert results[f"evaluate/{method}/kl"] is not None
+    assert results["evaluate/fp/kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("quant.w_bits=3x", "quant.w_bits"),
+        ("quant.w_bits=12", "w_bits"),
+        ("quant.a_granularity=bogus", "granularity"),
+        ("generation.strategy=beam", "strategy"),
+        ("generation.k_choices=[3,200]", "max_length"),
+        ("data.source=ftp", "source"),
+        ("stages=[train,deploy]", "deploy"),
+        ("optim.lr=-1", "lr"),
+        ("model.source=nowhere", "source"),
+    ],
+)
+def test_bad_values_fail_validation_with_one_clear_line(override, needle):
+    with pytest.raises(ConfigError) as info:
+        validate_config(compose(["+exp=tiny_w4a8kv4", "paths.output_dir=/tmp/x", override]))
+    msg = str(info.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_cli_bad_value_exits_2_before_loading_anything(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "qat_lightning", "+exp=tiny_w4a8kv4", "quant.kv_bits=1",
+         f"hydra.run.dir={tmp_path}/run"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and "kv_bits" in lines[-1]
+    assert not (Path(tmp_path) / "run" / "results.json").exists()
