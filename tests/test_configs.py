@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, REPO, compose, tiny_overrides
 
+from conftest import CONF_DIR, REPO, compose, tiny_overrides
 from qat_lightning.config import ConfigError, validate_config
 from qat_lightning.results import load_results
 from qat_lightning.stages import RunContext, run_stages

@@ -70,6 +70,13 @@ def run(cfg: DictConfig) -> None:
     ctx = RunContext(run_cfg, run_dir, resolved_cfg=resolved)
     try:
         run_stages(ctx)
+    except Exception as err:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        # a failed or diverged job of a sweep is recorded, not dropped, and the sweep goes on
+        log.exception("job failed: %s", err)
+        if ctx.results is not None:
+            ctx.results.update({"run/job/failed": 1})
     finally:
         _end_job()
     if ctx.results is not None:

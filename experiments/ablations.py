@@ -1,0 +1,88 @@
+"""The paper's ablations as single commands: each is a Hydra multirun over one config-group choice.
+
+    python experiments/ablations.py list
+    python experiments/ablations.py run data_source [--budget demo] [-- extra overrides]
+    python experiments/ablations.py table data_source        # markdown + PNG from the finished sweep
+
+Every run logs to W&B (offline unless `logger.offline=false`) with group = the ablation name and tags for the
+setting, so one dashboard view compares it; `table` builds the same comparison without W&B. Sweep dirs are
+fixed (`multirun/ablations/<name>`) so reruns resume into the same place and tables find them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = "smollm2_w4a8kv4"
+
+# name -> the multirun overrides that make the ablation
+ABLATIONS: dict[str, list[str]] = {
+    "data_source": ["+ablation=data_gen_hybrid,data_gen_top1,data_gen_sample,data_text,data_mixed"],
+    "k_top1": ["generation.k_choices=[0],[1],[3],[5],[3,4,5]"],
+    "loss": ["loss=logits,label,hidden,attention,logits_hidden,logits_label"],
+    "quantizer": ["quant=w4a8kv4,clip,lsq,asym,group64,kv_head"],
+    "bits": ["quant=w4a8kv4,w4a8kv8,w4a6,w8a8kv4,w8a8kv8,w4,w2"],
+    "corpus_size": ["generation.num_sequences=64,128,256,512"],
+    "lr_steps": ["optim.lr=3e-5,1e-4,3e-4", "trainer.max_epochs=1,2"],
+    "paper_table": ["quant=w4a8kv4,w4a8kv8,w4a6,w8a8kv4,w8a8kv8,w4",
+                    "evaluate.methods=[fp,rtn,smoothquant,gptq,awq,qat]"],
+}
+
+# the budget every ablation shares unless overridden (CPU-sized; documented in RESULTS.md)
+BUDGETS: dict[str, list[str]] = {
+    "demo": ["generation.num_sequences=256", "generation.max_length=128", "trainer.max_epochs=1",
+             "evaluate.tasks=[kl,wikitext2]", "evaluate.seq_len=512", "evaluate.max_windows=16"],
+    "tiny": ["+exp=tiny_w4a8kv4"],
+}
+
+
+def sweep_dir(name: str) -> Path:
+    return ROOT / "multirun" / "ablations" / name
+
+
+def command(name: str, budget: str, extra: list[str]) -> list[str]:
+    if name not in ABLATIONS:
+        raise SystemExit(f"error: unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
+    if budget not in BUDGETS:
+        raise SystemExit(f"error: unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
+    exp = [] if any(o.startswith("+exp=") for o in BUDGETS[budget]) else [f"+exp={BASE}"]
+    return [sys.executable, "-m", "qat_lightning", "-m", *exp, *BUDGETS[budget], *ABLATIONS[name],
+            f"logger.group=ablation-{name}", f"logger.tags=[ablation:{name}]",
+            f"hydra.sweep.dir={sweep_dir(name)}", *extra]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("action", choices=["list", "run", "table", "show"])
+    ap.add_argument("name", nargs="?")
+    ap.add_argument("--budget", default="demo")
+    ap.add_argument("--metric", default="evaluate/{method}/wikitext2_ppl")
+    ap.add_argument("extra", nargs="*", help="extra Hydra overrides (after --)")
+    args = ap.parse_args()
+    if args.action == "list":
+        for name, overrides in ABLATIONS.items():
+            print(f"{name:12s} {' '.join(overrides)}")
+        return
+    if not args.name:
+        raise SystemExit("error: name the ablation (see `list`)")
+    cmd = command(args.name, args.budget, args.extra)
+    if args.action == "show":
+        print(" ".join(cmd))
+        return
+    if args.action == "run":
+        print(" ".join(cmd), flush=True)
+        # a failed job is recorded by its missing/null results; the sweep goes on
+        rc = subprocess.call(cmd, cwd=ROOT)
+        if rc != 0:
+            print(f"warning: sweep exited with {rc}; failed jobs are listed in the table", file=sys.stderr)
+    out = ROOT / "experiments" / "out" / args.name
+    subprocess.check_call([sys.executable, str(ROOT / "experiments" / "collect.py"), str(sweep_dir(args.name)),
+                           "--metric", args.metric, "--out", str(out)], cwd=ROOT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Turn finished runs (single runs or multirun sweeps) into a markdown table and a PNG plot, no W&B needed.
+
+    python experiments/collect.py multirun/smollm2_w4a8kv4/2026-11-23_10-00-00 [more dirs] \
+        --metric evaluate/{method}/wikitext2_ppl --out experiments/out/table
+
+Each run dir holds `results.json` and `.hydra/overrides.yaml`; rows are runs (labelled by their overrides),
+columns are methods. Failed runs (no results.json, or null metrics) are listed, not dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def find_runs(roots: list[Path]) -> list[Path]:
+    runs: list[Path] = []
+    for root in roots:
+        if (root / ".hydra").exists() or (root / "results.json").exists():
+            runs.append(root)
+        runs += sorted({p.parent for p in root.glob("*/.hydra")} | {p.parent for p in root.glob("*/results.json")},
+                       key=lambda p: (len(p.name), p.name))
+    return list(dict.fromkeys(runs))
+
+
+def run_label(run: Path) -> str:
+    overrides = run / ".hydra" / "overrides.yaml"
+    if not overrides.exists():
+        return run.name
+    items = [line.strip()[2:] for line in overrides.read_text().splitlines() if line.strip().startswith("- ")]
+    items = [i for i in items if not i.startswith(("hydra.", "paths.", "+exp="))]
+    return " ".join(items) or run.name
+
+
+def collect(runs: list[Path], metric: str) -> tuple[list[str], dict[str, dict[str, float | None]], list[str]]:
+    """Rows: run label → {method: value}. `metric` holds `{method}` where the method goes."""
+    table: dict[str, dict[str, float | None]] = {}
+    methods: list[str] = []
+    failed: list[str] = []
+    prefix, _, suffix = metric.partition("{method}")
+    for run in runs:
+        label = run_label(run)
+        path = run / "results.json"
+        if not path.exists():
+            failed.append(f"{label} ({run}): no results.json (failed or unfinished)")
+            continue
+        results = json.loads(path.read_text())
+        row: dict[str, float | None] = {}
+        for key, value in results.items():
+            if key.startswith(prefix) and key.endswith(suffix):
+                method = key[len(prefix) : len(key) - len(suffix)]
+                if "/" in method:
+                    continue
+                row[method] = value
+                if method not in methods:
+                    methods.append(method)
+                if value is None:
+                    failed.append(f"{label}: {key} is null (diverged)")
+        table[label] = row
+    return methods, table, failed
+
+
+def markdown(methods: list[str], table: dict[str, dict[str, float | None]], metric: str) -> str:
+    lines = [f"`{metric}`", "", "| run | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for label, row in table.items():
+        cells = ["-" if row.get(m) is None else f"{row[m]:.4g}" for m in methods]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(methods: list[str], table: dict[str, dict[str, float | None]], metric: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(table)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * max(1, len(methods)) / 2), 4))
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        xs = [j + i * width for j in range(len(labels))]
+        ys = [table[label].get(method) or 0.0 for label in labels]
+        ax.bar(xs, ys, width=width, label=method)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(metric.replace("{method}", "*"))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dirs", nargs="+", type=Path)
+    ap.add_argument("--metric", default="evaluate/{method}/wikitext2_ppl")
+    ap.add_argument("--out", type=Path, default=None, help="write <out>.md and <out>.png")
+    args = ap.parse_args()
+    if "{method}" not in args.metric:
+        raise SystemExit("error: --metric must contain {method}, e.g. evaluate/{method}/kl")
+    runs = find_runs(args.dirs)
+    if not runs:
+        raise SystemExit(f"error: no runs found under {', '.join(map(str, args.dirs))}")
+    methods, table, failed = collect(runs, args.metric)
+    text = markdown(methods, table, args.metric)
+    if failed:
+        text += "\n\nFailed or diverged runs:\n" + "\n".join(f"- {f}" for f in failed)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(text + "\n")
+        plot(methods, table, args.metric, args.out.with_suffix(".png"))
+        print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The train stage end to end: CLI run, W&B offline, resume, NaN guard, FSDP2/DDP on CPU, sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from qat_lightning.config import validate_config
+from qat_lightning.results import load_results
+from qat_lightning.stages import RunContext, run_stages
+
+FAST = ["generation.num_sequences=16", "generation.max_length=40", "generation.batch_size=8",
+        "generation.shard_size=8", "data.block_size=32", "data.batch_size=2", "evaluate.kl_batches=1"]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None):
+    proc = subprocess.run(
+        [sys.executable, "-m", "qat_lightning", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "WANDB_MODE": "offline", **(env or {})},
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def test_cli_end_to_end_writes_results_wandb_checkpoint_and_student(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(["+exp=tiny_w4a8kv4", f"hydra.run.dir={run_dir}", "logger=wandb", *FAST], cwd=tmp_path)
+    results = load_results(run_dir)
+    for key in ("generate/teacher/num_sequences", "generate/teacher/tokens_per_s", "train/student/loss",
+                "train/student/steps", "evaluate/fp/kl", "evaluate/rtn/kl", "evaluate/qat/kl"):
+        assert key in results, key
+    assert results["generate/teacher/num_sequences"] == 16
+    assert results["train/student/steps"] == 3
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (run_dir / "student" / "student.safetensors").exists()
+    assert "| qat |" in proc.stdout and (run_dir / "results.md").exists()
+    # the corpus path is in the log
+    assert "generated corpus:" in (proc.stdout + proc.stderr)
+
+
+def _in_process(cfg_overrides, tmp_path, run="run"):
+    from conftest import compose
+
+    cfg = validate_config(compose(["+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), *cfg_overrides]))
+    ctx = RunContext(cfg, tmp_path / run)
+    run_stages(ctx)
+    return load_results(tmp_path / run), ctx
+
+
+def test_resume_from_last_reaches_the_same_final_loss(tmp_path):
+    common = ["trainer.max_steps=6", "trainer.max_epochs=null", "trainer.limit_train_batches=3",
+              "trainer.limit_val_batches=1", "stages=[train]", "logger=none", "trainer.deterministic=true"]
+    full, _ = _in_process(common, tmp_path, run="full")
+    part, _ = _in_process([*common, "callbacks.stop_at_step=3"], tmp_path, run="resumed")
+    assert part["train/student/steps"] == 3
+    resumed, _ = _in_process([*common, "ckpt_path=last"], tmp_path, run="resumed")
+    assert resumed["train/student/steps"] == 6
+    assert resumed["train/student/loss"] == pytest.approx(full["train/student/loss"], rel=1e-5, abs=1e-6)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    from qat_lightning.distill.module import NonFiniteLossError
+
+    overrides = ["trainer.max_steps=5", "trainer.max_epochs=null", "stages=[train]", "logger=none",
+                 "callbacks.checkpoint_every_n_steps=1"]
+    from conftest import compose
+
+    cfg = validate_config(compose(["+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), *overrides]))
+    ctx = RunContext(cfg, tmp_path / "run")
+    teacher, _ = ctx.teacher()
+    calls = {"n": 0}
+
+    def poison_after_two_steps(module, inputs, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] > 2 else output
+
+    from qat_lightning.stages import stage_generate, stage_train
+
+    stage_generate(ctx)  # the teacher writes its corpus before it is poisoned
+    teacher.lm_head.register_forward_hook(poison_after_two_steps)
+    with pytest.raises(NonFiniteLossError, match="non-finite KD loss"):
+        stage_train(ctx)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert not any(k.startswith("teacher.") for k in ckpt["state_dict"]), "teacher weights in the checkpoint"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_two_process_training_on_cpu(strategy, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["+exp=tiny_w4a8kv4", f"hydra.run.dir={run_dir}", f"strategy={strategy}", "trainer.devices=2",
+            "logger=csv", *FAST, "evaluate.methods=[fp,qat]"]
+    run_cli(args, cwd=tmp_path, timeout=400)
+    results = load_results(run_dir)
+    assert results["train/student/steps"] == 3
+    assert results["evaluate/qat/kl"] is not None
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    if strategy == "fsdp":
+        assert ckpt.is_dir() and list(ckpt.glob("*.distcp")), "FSDP2 writes a distributed checkpoint"
+        # resume from the sharded checkpoint for more steps
+        run_cli([*args, "ckpt_path=last", "trainer.max_steps=5", "stages=[train]"], cwd=tmp_path, timeout=400)
+        assert load_results(run_dir)["train/student/steps"] == 5
+
+
+@pytest.mark.distributed
+def test_multirun_sweep_one_dir_and_results_per_job_even_with_ddp(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli(["-m", "+exp=tiny_w4a8kv4", "quant.w_bits=4,8", f"hydra.sweep.dir={sweep}", "strategy=ddp",
+             "trainer.devices=2", "logger=csv", *FAST, "evaluate.methods=[qat]"], cwd=tmp_path, timeout=600)
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"], f"unexpected sweep layout {jobs}"
+    bits = []
+    for job in jobs:
+        results = load_results(sweep / job)
+        assert results["train/student/steps"] == 3
+        cfg = json.loads(json.dumps(results))
+        bits.append(cfg)
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists(), "duplicate sweep dirs"
+    overrides = [(sweep / j / ".hydra" / "overrides.yaml").read_text() for j in jobs]
+    assert "quant.w_bits=4" in overrides[0] and "quant.w_bits=8" in overrides[1]
