@@ -172,7 +172,7 @@ def train_student(ctx) -> DistillationModule:
 
         base = smooth_model(teacher, sample_batches(dm, "train", cfg.calib_batches), alpha=cfg.smoothquant_alpha)
     student = quantize_model(base, cfg.quant)  # a copy: the teacher is untouched
-    student.train()
+    student.requires_grad_(True).train()  # the copy inherits the frozen teacher's flags
     module = DistillationModule(
         teacher, student, cfg.loss, cfg.optim,
         shard_teacher=cfg.strategy.shard_teacher,

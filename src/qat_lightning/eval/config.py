@@ -1,0 +1,42 @@
+"""`EvalConfig`: what the `evaluate` stage scores and how (the Hydra `evaluate` group)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TASKS = ("wikitext2", "c4", "hellaswag", "kl")
+METHODS = ("fp", "rtn", "smoothquant", "gptq", "awq", "qat")
+
+
+@dataclass
+class EvalConfig:
+    """Methods × tasks. Perplexity follows the GPTQ convention (non-overlapping `seq_len` windows)."""
+
+    methods: list[str] = field(default_factory=lambda: ["fp", "rtn", "qat"])
+    tasks: list[str] = field(default_factory=lambda: ["wikitext2", "kl"])
+    seq_len: int = 2048
+    max_windows: int | None = None
+    batch_size: int = 1
+    hellaswag_limit: int | None = None
+    kl_batches: int = 8
+    wikitext2_path: str | None = None
+    hellaswag_path: str | None = None
+    text_path: str | None = None  # an extra text file scored like WikiText-2 (task "text")
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.tasks if t not in (*TASKS, "text")]
+        if bad:
+            raise ValueError(f"unknown evaluate task(s) {bad}; valid: {', '.join(TASKS)}, text")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown evaluate method(s) {bad}; valid: {', '.join(METHODS)}")
+        if self.seq_len < 2:
+            raise ValueError(f"evaluate.seq_len must be >= 2, got {self.seq_len}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise ValueError(f"evaluate.max_windows must be >= 1 or null, got {self.max_windows}")
+        if self.batch_size < 1 or self.kl_batches < 1:
+            raise ValueError("evaluate.batch_size and evaluate.kl_batches must be >= 1")
+        if "text" in self.tasks and not self.text_path:
+            raise ValueError("evaluate task 'text' needs evaluate.text_path")

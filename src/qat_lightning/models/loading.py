@@ -1,0 +1,77 @@
+"""`load_model(cfg) -> (model, tokenizer)` for every model source, with one clear error when it's missing."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from qat_lightning.models.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _as_config(cfg: Any) -> ModelConfig:
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    if not isinstance(cfg, Mapping):
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(cfg) - names
+    if unknown:
+        raise ValueError(f"unknown model config key(s) {sorted(unknown)}")
+    return ModelConfig(**cfg)
+
+
+def _smollm2_tokenizer(cache_dir: str):
+    from transformers import AutoTokenizer
+
+    from qat_lightning.models.smollm2 import convert_smollm2
+
+    return AutoTokenizer.from_pretrained(convert_smollm2(cache_dir))
+
+
+def load_model(cfg: ModelConfig | Mapping | Any) -> tuple[torch.nn.Module, Any]:
+    """The model in eval mode and `cfg.dtype`, and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = _as_config(cfg)
+    dtype = DTYPES[cfg.dtype]
+    if cfg.source == "tiny":
+        from qat_lightning.models.byte_tokenizer import ByteTokenizer
+        from qat_lightning.models.tiny import build_tiny_config, build_tiny_model
+
+        tokenizer = ByteTokenizer() if cfg.tokenizer == "byte" else _smollm2_tokenizer(cfg.cache_dir)
+        vocab = max(cfg.vocab_size, len(tokenizer))
+        config = build_tiny_config(
+            cfg.arch, vocab, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
+            cfg.max_position_embeddings, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return build_tiny_model(config, seed=cfg.seed, dtype=dtype), tokenizer
+    if cfg.source == "smollm2":
+        from qat_lightning.models.smollm2 import convert_smollm2
+
+        path = convert_smollm2(cfg.cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return model.eval(), AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+            gguf_file=cfg.gguf_file,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file
+        )
+    except OSError as err:
+        raise FileNotFoundError(
+            f"model {cfg.name_or_path!r} not found locally and the hub is unreachable: download it with "
+            f"`huggingface-cli download {cfg.name_or_path}` or set model.name_or_path to a local directory"
+        ) from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
