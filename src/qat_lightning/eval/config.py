@@ -21,6 +21,7 @@ class EvalConfig:
     kl_batches: int = 8
     wikitext2_path: str | None = None
     hellaswag_path: str | None = None
+    c4_path: str | None = None  # a c4 validation shard (.json.gz) or a text file; null: $QAT_DATA_DIR, then datasets
     text_path: str | None = None  # an extra text file scored like WikiText-2 (task "text")
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_limit: int | None = None
