@@ -51,11 +51,15 @@ def tiny_overrides(tmp_path: Path, arch: str = "llama") -> list[str]:
 
 
 def compose(overrides: list[str]):
+    """The real config, composed in-process; paths that would need a Hydra run are given explicitly."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    defaults = {"paths.root_dir": "/tmp/qat-lightning-tests", "paths.output_dir": "/tmp/qat-lightning-tests/run"}
+    given = {o.split("=", 1)[0] for o in overrides}
+    extra = [f"{k}={v}" for k, v in defaults.items() if k not in given]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+        return hydra_compose(config_name="config", overrides=[*overrides, *extra])
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ __all__ = [
     "QATLM",
     "TokenKL",
     "Top1Agreement",
+    "corpus_ids",
     "evaluate_model",
     "kl_and_agreement",
     "load_hellaswag",
