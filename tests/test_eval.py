@@ -62,7 +62,7 @@ def test_perplexity_matches_hand_computation_and_drops_tail():
     ids = torch.tensor([0, 1, 2, 0, 1, 2, 0])
     # seq_len 3: windows [0 1 2] [0 1 2], tail [0] dropped; predicted: 0->1, 1->2 in each window
     out = perplexity(model, ids, seq_len=3)
-    assert out["num_windows"] == 2 and out["num_tokens"] == 4
+    assert out["num_windows"] == 2 and out["num_tokens"] == 4 and out["seq_len"] == 3
     assert out["ppl"] == pytest.approx(1 / 0.6, rel=1e-6)
     # seq_len 2: windows [0 1] [2 0] [1 2], tail [0]; the transitions between windows (1->2, 0->1) are not scored
     out = perplexity(model, ids, seq_len=2, batch_size=2)
@@ -276,3 +276,22 @@ def test_evaluate_model_on_tiny_model_with_shared_wikitext(tiny, monkeypatch, ca
     assert no_teacher["wikitext2_ppl"] == metrics["wikitext2_ppl"]
     with pytest.raises(ValueError, match="unknown evaluate config key"):
         evaluate_model(model, tok, {"taks": ["kl"]})
+
+
+@pytest.mark.slow
+def test_smollm2_wikitext2_perplexity_is_that_of_a_trained_model(monkeypatch):
+    data = shared_data_or_skip()
+    monkeypatch.setenv("QAT_DATA_DIR", str(data))
+    model, tok = load_model({"source": "smollm2"})
+    metrics = evaluate_model(model, tok, {"tasks": ["wikitext2"], "seq_len": 128, "max_windows": 2})
+    assert 5 < metrics["wikitext2_ppl"] < 100  # random weights give ~vocab size (49152)
+
+
+def test_evaluate_model_runs_hellaswag_from_a_configured_file(tmp_path):
+    # the uniform model of test_acc_and_acc_norm_disagree...: acc picks "a" (index 0), acc_norm picks "éé" (index 3)
+    endings = ["a", "bb", "ccc", "éé"]
+    lines = ["X: ctx", "0", *endings, "Y: ctx", "3", *endings, "Z: ctx", "1", *endings]
+    path = write_bz2(tmp_path / "hs.txt.bz2", lines)
+    cfg = EvalConfig(tasks=["hellaswag"], hellaswag_path=str(path), hellaswag_limit=2, batch_size=2)
+    metrics = evaluate_model(Bigram(torch.zeros(259, 259)), ByteTokenizer(), cfg)
+    assert metrics == {"hellaswag_acc": 0.5, "hellaswag_acc_norm": 0.5}  # the third item is beyond the limit

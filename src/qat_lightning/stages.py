@@ -223,7 +223,10 @@ def stage_export(ctx: RunContext) -> None:
     student = _method_model(ctx, "qat", [])
     _, tokenizer = ctx.teacher()
     out = Path(cfg.export.out_dir) if cfg.export.out_dir else ctx.run_dir / "export"
-    stats = export_student(student, out, tokenizer=tokenizer, extra_meta={"experiment": cfg.name})
+    stats = export_student(
+        student, out, tokenizer=tokenizer, extra_meta={"experiment": cfg.name},
+        scale_dtype=cfg.export.scale_dtype, fp_dtype=cfg.export.fp_dtype,
+    )
     log.info("exported to %s: %s", out, stats)
     ctx.record("export", "student", {k: v for k, v in stats.items() if isinstance(v, (int, float))})
 

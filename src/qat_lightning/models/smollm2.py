@@ -9,9 +9,15 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct"
+DEFAULT_CACHE_DIR = "~/.cache/qat_lightning"
+CACHE_ENV_VAR = "QAT_CACHE_DIR"
 log = logging.getLogger("qat_lightning")
 
 
@@ -26,33 +32,63 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def smollm2_cache_dir(cache_dir: str | os.PathLike) -> Path:
-    return Path(os.environ.get("QAT_CACHE_DIR", cache_dir)).expanduser() / CACHE_NAME
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_dir` expanded; `$QAT_CACHE_DIR` replaces only the default (an explicit config value wins)."""
+    if cache_dir is None or str(cache_dir) == DEFAULT_CACHE_DIR:
+        cache_dir = os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_DIR
+    return Path(cache_dir).expanduser()
 
 
-def convert_smollm2(cache_dir: str | os.PathLike) -> Path:
-    """Convert the GGUF once into a safetensors model + tokenizer folder; written to a temp dir, then renamed."""
-    import torch
+def smollm2_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder the converted model lives in: `<cache_dir>/smollm2-135m-instruct`."""
+    return resolve_cache_dir(cache_dir) / CACHE_NAME
+
+
+def load_smollm2_gguf() -> tuple[nn.Module, Any]:
+    """The GGUF model dequantized to fp32, and its tokenizer, straight from the package (slow: ~14 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = smollm2_cache_dir(cache_dir)
-    if (target / "config.json").exists():
-        return target
     gguf = smollm2_gguf_path()
-    log.info("converting %s to %s (once)", gguf.name, target)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # a GGUF-loaded model cannot save_pretrained: rebuild it from its config and copy the weights
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.tie_weights()
+    return model.eval(), tokenizer
+
+
+def save_converted(model: nn.Module, tokenizer: Any, target: str | os.PathLike) -> Path:
+    """Save `model` + `tokenizer` as a safetensors folder at `target`, atomically.
+
+    A GGUF-loaded model cannot `save_pretrained` (its config still points at the GGUF), so the model is
+    rebuilt from its config and the weights copied; `tie_weights` keeps lm_head sharing the embeddings.
+    Everything is written to a temp folder that is renamed into place, so a crash never leaves a folder
+    that looks complete; if another process finished first, its folder is kept.
+    """
+    from transformers import AutoModelForCausalLM
+
+    target = Path(target)
+    rebuilt = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.tie_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     try:
+        rebuilt.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-    except OSError:  # another process finished first
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        log.info("%s was written by another process meanwhile; keeping it", target)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def convert_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The converted model folder, converting the GGUF on first use only."""
+    target = smollm2_cache_dir(cache_dir)
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s to %s (once, ~15 s)", GGUF_FILE, target)
+    model, tokenizer = load_smollm2_gguf()
+    return save_converted(model, tokenizer, target)

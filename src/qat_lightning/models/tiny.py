@@ -18,18 +18,22 @@ def build_tiny_config(
     bos_token_id: int = 256,
     eos_token_id: int = 257,
     pad_token_id: int | None = 258,
+    tie_word_embeddings: bool = False,
 ) -> PretrainedConfig:
+    """A Llama or Qwen2 config with GQA (`num_kv_heads` < `num_heads`); special ids default to the byte tokenizer's.
+
+    Other folders' tests build their tiny models from this, so every test exercises the same families as
+    the real teachers (Llama: no q/k/v bias; Qwen2: q/k/v bias).
+    """
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"unknown tiny arch {arch!r}; expected llama or qwen2")
     kwargs = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, tie_word_embeddings=False,
+        pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings,
     )
-    if arch == "llama":
-        return LlamaConfig(**kwargs)
-    if arch == "qwen2":
-        return Qwen2Config(**kwargs)
-    raise ValueError(f"unknown tiny arch {arch!r}; expected llama or qwen2")
+    return LlamaConfig(**kwargs) if arch == "llama" else Qwen2Config(**kwargs)
 
 
 def build_tiny_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
