@@ -5,14 +5,13 @@ The reference makes each sequence with two `generate` calls at batch 1: `max_new
 with one KV cache. EOS stopping is off on both sides so every sequence has exactly `--max-length` tokens;
 throughput counts generated tokens (the start token excluded). Both run in one process, same threads.
 
-    python benchmarks/bench_generate.py [--model smollm2|tiny] [--max-length 128] [--batch 32] [--hf-seqs 4]
+    python benchmarks/bench_generate.py [--model smollm2|tiny] [--max-length 128] [--batch 32] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import time
 
 import torch
@@ -75,8 +74,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--hf-seqs", type=int, default=4, help="batch-1 sequences for the reference loop")
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--hf-seqs", type=int, default=2, help="batch-1 reference sequences per round")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (the CPU is shared: noise hits both)")
+    parser.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP spin-waits on an oversubscribed CPU")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,18 +85,27 @@ def main() -> None:
     model = model.eval()  # fp32 on CPU (the GGUF is dequantized on load)
     cfg = GenerationConfig(num_sequences=args.batch, max_length=args.max_length, batch_size=args.batch,
                            stop_at_eos=False, seed=args.seed)
-    firsts, ks = start_tokens(cfg, start_candidates(model, tokenizer), 0, args.batch,
-                              torch.Generator().manual_seed(args.seed))
-    eos = eos_token_id(model, tokenizer)
+    candidates, eos = start_candidates(model, tokenizer), eos_token_id(model, tokenizer)
+    warm = GenerationConfig(num_sequences=args.batch, max_length=4, k_choices=[1], batch_size=args.batch,
+                            stop_at_eos=False)
+    firsts, ks = start_tokens(warm, candidates, 0, args.batch, torch.Generator().manual_seed(args.seed))
+    batched(model, firsts, ks, warm, eos, args.seed)  # warm-up: allocator, first-call overheads
+    hf_reference(model, firsts[:1].tolist(), [1], 4, args.seed)
 
-    batched(model, firsts[:2], ks[:2], cfg, eos, args.seed)  # warm-up (allocator, first-call overheads)
-    n_hf = min(args.hf_seqs, args.batch)
-    hf_tok, hf_s = hf_reference(model, firsts[:n_hf].tolist(), ks[:n_hf].tolist(), args.max_length, args.seed)
-    our_tok, our_s = batched(model, firsts, ks, cfg, eos, args.seed)
+    our_tok = our_s = hf_tok = hf_s = 0.0
+    for r in range(args.rounds):
+        firsts, ks = start_tokens(cfg, candidates, 0, args.batch, torch.Generator().manual_seed(args.seed + r))
+        tok, sec = hf_reference(model, firsts[: args.hf_seqs].tolist(), ks[: args.hf_seqs].tolist(),
+                                args.max_length, args.seed + r)
+        hf_tok, hf_s = hf_tok + tok, hf_s + sec
+        tok2, sec2 = batched(model, firsts, ks, cfg, eos, args.seed + r)
+        our_tok, our_s = our_tok + tok2, our_s + sec2
+        ours_r, ref_r = tok2 / sec2, tok / sec
+        print(f"round {r}: batched {ours_r:.1f} tok/s, hf {ref_r:.1f} tok/s, ratio {ours_r / ref_r:.1f}x", flush=True)
     ours, ref = our_tok / our_s, hf_tok / hf_s
     print(f"generation batched(B={args.batch})/hf_generate(B=1) = {ours / ref:.1f}x "
-          f"(batched {ours:.0f} tok/s, hf {ref:.0f} tok/s, max_length {args.max_length}, model {args.model}, "
-          f"{args.threads} threads; {our_tok} vs {hf_tok} tokens in {our_s:.1f} s vs {hf_s:.1f} s)")
+          f"(batched {ours:.1f} tok/s, hf {ref:.1f} tok/s, max_length {args.max_length}, model {args.model}, "
+          f"{args.threads} thread(s); {our_tok:.0f} vs {hf_tok:.0f} tokens in {our_s:.0f} s vs {hf_s:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def test_every_experiment_composes_and_validates(exp):
 def test_every_experiment_runs_on_a_tiny_model_of_its_family(exp, tmp_path):
     overrides = [f"+exp={exp}", *tiny_overrides(tmp_path), "trainer.max_steps=2", "trainer.precision=32-true",
                  "trainer.accelerator=cpu", "trainer.devices=1", "evaluate.methods=[fp,rtn,qat]",
-                 "callbacks.checkpoint=false", "callbacks.checkpoint_every_n_steps=null",
+                 "callbacks.checkpoint=false",
                  "trainer.val_check_interval=null", "generation.num_sequences=8"]
     cfg = validate_config(compose(overrides))
     ctx = RunContext(cfg, tmp_path / "run")

@@ -132,11 +132,10 @@ class LoggerConfig:
 @dataclass
 class CallbacksConfig:
     checkpoint: bool = True
-    checkpoint_every_n_steps: int | None = None  # None: at the end of every epoch
+    checkpoint_every_n_steps: int = 50
     save_last: bool = True
     lr_monitor: bool = True
-    stop_at_step: int | None = None  # stop early (for resume tests), keeping the schedule of max_steps
 
     def __post_init__(self) -> None:
-        if self.checkpoint_every_n_steps is not None and self.checkpoint_every_n_steps < 1:
-            raise ValueError("callbacks.checkpoint_every_n_steps must be >= 1 or null")
+        if self.checkpoint_every_n_steps < 1:
+            raise ValueError(f"callbacks.checkpoint_every_n_steps must be >= 1, got {self.checkpoint_every_n_steps}")

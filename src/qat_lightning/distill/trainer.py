@@ -25,17 +25,6 @@ STUDENT_WEIGHTS = "student.safetensors"
 STUDENT_QUANT = "quant_config.json"
 
 
-class StopAtStep(Callback):
-    """Stop after `step` optimizer steps while keeping the LR schedule of the full run (resume tests)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
-
 def build_strategy(cfg):
     """`fsdp` is FSDP2 through `ModelParallelStrategy` (works on CPU/gloo and GPUs alike)."""
     s = cfg.strategy
@@ -88,14 +77,14 @@ def build_callbacks(cfg, run_dir: Path) -> list[Callback]:
     cc = cfg.callbacks
     callbacks: list[Callback] = []
     if cc.checkpoint:
+        # step-based saving: a checkpoint written in on_train_epoch_end resumes one epoch too far
+        # (Lightning 2.6), one written after a step resumes exactly at an epoch boundary
         callbacks.append(ModelCheckpoint(
             dirpath=str(run_dir / "checkpoints"), save_last=cc.save_last, save_top_k=0 if cc.save_last else 1,
-            every_n_train_steps=cc.checkpoint_every_n_steps, save_on_train_epoch_end=True,
+            every_n_train_steps=cc.checkpoint_every_n_steps, save_on_train_epoch_end=False,
         ))
     if cc.lr_monitor and cfg.logger.name != "none":
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    if cc.stop_at_step:
-        callbacks.append(StopAtStep(cc.stop_at_step))
     return callbacks
 
 
