@@ -42,15 +42,24 @@ def _export_job_for_children() -> None:
         os.environ[_JOB_DIR] = hc.runtime.output_dir
 
 
-def _end_job() -> None:
-    """Leave no process group or port behind for the next job of a sweep."""
+_LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", _JOB_OVERRIDES, _JOB_DIR)
+
+
+def _end_job(env_before: dict[str, str | None]) -> None:
+    """Leave no process group and no launcher variables behind for the next job of a sweep.
+
+    Lightning's launcher sets LOCAL_RANK, WORLD_SIZE, MASTER_PORT... in the parent; left there, the next
+    job would believe its ranks were launched externally and wait forever for them.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    for var in (_JOB_OVERRIDES, _JOB_DIR, "MASTER_PORT"):
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    for var, value in env_before.items():
+        if value is None:
             os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -65,6 +74,7 @@ def run(cfg: DictConfig) -> None:
     from qat_lightning.stages import RunContext, run_stages
 
     run_dir = HydraConfig.get().runtime.output_dir
+    env_before = {var: os.environ.get(var) for var in _LAUNCHER_VARS}
     _export_job_for_children()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     ctx = RunContext(run_cfg, run_dir, resolved_cfg=resolved)
@@ -78,7 +88,7 @@ def run(cfg: DictConfig) -> None:
         if ctx.results is not None:
             ctx.results.update({"run/job/failed": 1})
     finally:
-        _end_job()
+        _end_job(env_before)
     if ctx.results is not None:
         log.info("results: %s", ctx.results.path)
 

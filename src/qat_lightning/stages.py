@@ -106,12 +106,27 @@ def stage_generate(ctx: RunContext) -> None:
             teacher, tokenizer, cfg.generation, path, model_name=cfg.model.name,
             rank=ctx.rank, world_size=world_size(),
         )
+    if world_size() > 1:
+        _wait_for_corpus(path, cfg)  # other ranks write their own shards
     if stats is not None:
         ctx.record("generate", "teacher", {
             "num_sequences": stats["num_sequences"],
             "num_tokens": stats["num_tokens"],
             "tokens_per_s": stats["tokens_per_s"],
         })
+
+
+def _wait_for_corpus(path: Path, cfg: RunConfig, timeout_s: float = 24 * 3600) -> None:
+    """Ranks generate disjoint shards without a process group yet: wait until every shard is there."""
+    import time
+
+    from qat_lightning.data import corpus_is_complete
+
+    start = time.monotonic()
+    while not corpus_is_complete(path, cfg.generation):
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"the corpus at {path} is still incomplete after {timeout_s:.0f} s: did a rank fail?")
+        time.sleep(2)
 
 
 # ---- data helpers --------------------------------------------------------------------------------

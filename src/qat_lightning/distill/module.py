@@ -152,6 +152,8 @@ class DistillationModule(L.LightningModule):
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._device_mesh is not None:
+            return  # a sharded (FSDP2) checkpoint is loaded against the full module: keep the teacher shards
         state = checkpoint.get("state_dict")
         if isinstance(state, dict):
             for key in [k for k in state if k.startswith("teacher.")]:

@@ -192,8 +192,14 @@ def train_student(ctx) -> DistillationModule:
         save_student(state, cfg.quant, run_dir / "student")
     distributed = trainer.world_size > 1
     if distributed:
-        # sharded models cannot be used for single-process evaluation: rank 0 reloads them
+        # sharded models cannot be used for single-process evaluation: rank 0 reloads them, and the
+        # process group goes away so single-process metrics do not try to sync with finished ranks
         ctx.drop_models()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
     else:
         ctx.student = module.student.eval()
     _finish_logger(trainer)
