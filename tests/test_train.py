@@ -114,7 +114,8 @@ def test_two_process_training_on_cpu(strategy, tmp_path):
     if strategy == "fsdp":
         assert ckpt.is_dir() and list(ckpt.glob("*.distcp")), "FSDP2 writes a distributed checkpoint"
         # resume from the sharded checkpoint for more steps
-        run_cli([*args, "ckpt_path=last", "trainer.max_steps=5", "trainer.max_epochs=null", "stages=[train]"], cwd=tmp_path, timeout=400)
+        more = ["ckpt_path=last", "trainer.max_steps=5", "trainer.max_epochs=null", "stages=[train]"]
+        run_cli([*args, *more], cwd=tmp_path, timeout=400)
         assert load_results(run_dir)["train/student/steps"] == 5
 
 
