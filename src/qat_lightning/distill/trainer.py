@@ -148,6 +148,10 @@ def load_saved_student(teacher: nn.Module, path: str | os.PathLike) -> nn.Module
 
 
 def train_student(ctx) -> DistillationModule:
+    import warnings
+
+    # the teacher is in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     from qat_lightning.quant import quantize_model
     from qat_lightning.stages import build_data, sample_batches
 

@@ -1,0 +1,50 @@
+"""experiments/: sweep results become markdown tables and PNG plots without W&B; ablations are one command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "experiments"))
+import ablations  # noqa: E402
+import collect  # noqa: E402
+
+
+def _fake_run(root, name, overrides, results):
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if results is not None:
+        (run / "results.json").write_text(json.dumps(results))
+    return run
+
+
+def test_collect_builds_table_and_plot_and_lists_failed_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    ppl = "evaluate/{}/wikitext2_ppl".format
+    _fake_run(sweep, "0", ["quant=w4a8kv4"], {ppl("fp"): 20.0, ppl("rtn"): 40.0, ppl("qat"): 25.0})
+    _fake_run(sweep, "1", ["quant=w8a8kv8"], {ppl("fp"): 20.0, ppl("rtn"): None, ppl("qat"): 21.0})
+    _fake_run(sweep, "2", ["+exp=smollm2_w4a8kv4", "quant=w2"], None)
+    out = tmp_path / "out" / "table"
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "collect.py"), str(sweep), "--out", str(out)],
+                          capture_output=True, text=True, check=True)
+    text = out.with_suffix(".md").read_text()
+    assert "| quant=w4a8kv4 | 20 | 40 | 25 |" in text
+    assert "| quant=w8a8kv8 | 20 | - | 21 |" in text
+    assert "quant=w2" in text and "no results.json" in text  # failed runs are recorded, not dropped
+    assert "diverged" in text
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "wrote" in proc.stdout
+
+
+def test_every_ablation_is_a_single_multirun_command():
+    for name in ablations.ABLATIONS:
+        cmd = ablations.command(name, "demo", [])
+        assert cmd[1:4] == ["-m", "qat_lightning", "-m"]
+        assert f"hydra.sweep.dir={ablations.sweep_dir(name)}" in cmd
+        assert any(o.startswith("logger.group=") for o in cmd)
+    methods, table, failed = collect.collect([], "evaluate/{method}/kl")
+    assert (methods, table, failed) == ([], {}, [])
