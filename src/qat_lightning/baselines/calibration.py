@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat_lightning.quant import QuantConfig
+from qat_lightning.quant import as_quant_config
 
 __all__ = [
     "LayerInputs",
@@ -37,20 +37,6 @@ __all__ = [
 InputFn = Callable[[str, torch.Tensor], None]
 
 
-def as_quant_config(cfg: Any) -> QuantConfig:
-    """A `QuantConfig` from itself, a mapping of its fields or an OmegaConf DictConfig (Hydra's `cfg.quant`)."""
-    if isinstance(cfg, QuantConfig):
-        return cfg
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if not isinstance(cfg, Mapping):
-        raise ValueError(f"expected a QuantConfig or a mapping of its fields, got {type(cfg).__name__}")
-    return QuantConfig(**cfg)
 
 
 def check_calib_batches(calib_batches: Any) -> list[dict]:

@@ -1,6 +1,7 @@
 """Fake quantization core (pure PyTorch): primitives -> spec -> modules -> api, layered like torchao."""
 
 from qat_lightning.quant.api import (
+    as_quant_config,
     iter_quant_linears,
     quant_summary,
     quantization_enabled,
@@ -22,6 +23,7 @@ __all__ = [
     "QuantEmbedding",
     "QuantLinear",
     "QuantSpec",
+    "as_quant_config",
     "compute_scale_zero",
     "dequantize",
     "fake_quantize",

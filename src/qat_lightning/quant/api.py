@@ -30,7 +30,8 @@ __all__ = [
 KV_PROJECTIONS = ("k_proj", "v_proj")
 
 
-def _as_config(cfg: Any) -> QuantConfig:
+def as_quant_config(cfg: Any) -> QuantConfig:
+    """A `QuantConfig` from itself, a mapping of its fields or an OmegaConf DictConfig (Hydra's `cfg.quant`)."""
     if isinstance(cfg, QuantConfig):
         return cfg
     if not isinstance(cfg, Mapping):
@@ -81,7 +82,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | Mapping, inplace: bool =
         The student, with `student.quant_config = cfg`. With every bit width >= 16 its logits equal
         the model's exactly.
     """
-    cfg = _as_config(cfg)
+    cfg = as_quant_config(cfg)
     if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
         raise ValueError("model is already quantized (it contains QuantLinear modules)")
     layers = _decoder_layers(model)  # validate before copying
