@@ -31,7 +31,8 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = N
 
 def test_cli_end_to_end_writes_results_wandb_checkpoint_and_student(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli(["+exp=tiny_w4a8kv4", f"hydra.run.dir={run_dir}", "logger=wandb", *FAST], cwd=tmp_path)
+    proc = run_cli(["+exp=tiny_w4a8kv4", f"hydra.run.dir={run_dir}", "logger=wandb",
+                    "stages=[generate,train,evaluate,export]", *FAST], cwd=tmp_path)
     results = load_results(run_dir)
     for key in ("generate/teacher/num_sequences", "generate/teacher/tokens_per_s", "train/student/loss",
                 "train/student/steps", "evaluate/fp/kl", "evaluate/rtn/kl", "evaluate/qat/kl"):
@@ -44,6 +45,13 @@ def test_cli_end_to_end_writes_results_wandb_checkpoint_and_student(tmp_path):
     assert "| qat |" in proc.stdout and (run_dir / "results.md").exists()
     # the corpus path is in the log
     assert "generated corpus:" in (proc.stdout + proc.stderr)
+    # the export stage wrote a real low-bit model that loads and runs
+    from qat_lightning.export import load_exported
+
+    assert 0 < results["export/student/ratio"] < 1
+    model = load_exported(run_dir / "export")
+    logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert logits.shape == (1, 4, model.config.vocab_size) and torch.isfinite(logits).all()
 
 
 def _in_process(cfg_overrides, tmp_path, run="run"):
