@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat_lightning.coerce import as_config
 from qat_lightning.eval.agreement import TokenKL, Top1Agreement, kl_and_agreement
 from qat_lightning.eval.config import EvalConfig
 from qat_lightning.eval.hellaswag import HellaSwagItem, load_hellaswag, multiple_choice_accuracy, parse_hellaswag
@@ -50,17 +50,7 @@ _TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
 
 
 def _as_eval_config(cfg: Any) -> EvalConfig:
-    if isinstance(cfg, EvalConfig):
-        return cfg
-    if not isinstance(cfg, Mapping):  # a Hydra DictConfig
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    names = {f.name for f in dataclasses.fields(EvalConfig)}
-    unknown = set(cfg) - names
-    if unknown:
-        raise ValueError(f"unknown evaluate config key(s) {sorted(unknown)}; valid: {', '.join(sorted(names))}")
-    return EvalConfig(**cfg)
+    return as_config(EvalConfig, cfg, "evaluate")
 
 
 def _tokenizer_key(tokenizer: Any) -> tuple:

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qat_lightning.coerce import as_config
 from qat_lightning.models.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _as_config(cfg: Any) -> ModelConfig:
-    if isinstance(cfg, ModelConfig):
-        return cfg
-    if not isinstance(cfg, Mapping):
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = set(cfg) - names
-    if unknown:
-        raise ValueError(f"unknown model config key(s) {sorted(unknown)}")
-    return ModelConfig(**cfg)
+    return as_config(ModelConfig, cfg, "model")
 
 
 def _smollm2_tokenizer(cache_dir: str):

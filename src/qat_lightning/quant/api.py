@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from qat_lightning.coerce import as_config
 from qat_lightning.quant.modules import QuantEmbedding, QuantLinear
 from qat_lightning.quant.spec import QuantConfig
 
@@ -32,19 +33,7 @@ KV_PROJECTIONS = ("k_proj", "v_proj")
 
 def as_quant_config(cfg: Any) -> QuantConfig:
     """A `QuantConfig` from itself, a mapping of its fields or an OmegaConf DictConfig (Hydra's `cfg.quant`)."""
-    if isinstance(cfg, QuantConfig):
-        return cfg
-    if not isinstance(cfg, Mapping):
-        try:  # an OmegaConf DictConfig (structured or not)
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(cfg, DictConfig):
-                cfg = OmegaConf.to_container(cfg, resolve=True)
-        except ImportError:  # pragma: no cover - omegaconf is a dependency
-            pass
-    if not isinstance(cfg, Mapping):
-        raise ValueError(f"quantize_model needs a QuantConfig or a mapping of its fields, got {type(cfg).__name__}")
-    return QuantConfig(**cfg)
+    return as_config(QuantConfig, cfg, "quant")
 
 
 def _head_dim(config: Any) -> int:
