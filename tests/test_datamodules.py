@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 
 import pytest
 import torch
@@ -246,9 +246,8 @@ def test_bad_data_config_fails_at_construction(kw, match):
         OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), kw))
 
 
-def test_hf_dataset_without_datasets_is_a_clear_error():
-    if importlib.util.find_spec("datasets") is not None:
-        pytest.skip("`datasets` is installed: the missing-package error path is not reachable here")
+def test_hf_dataset_without_datasets_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # behave as if `datasets` were not installed
     dm = TextCorpusDataModule(CharTokenizer(), DataConfig(source="text", hf_dataset="wikitext:wikitext-2-raw-v1"))
     with pytest.raises(ImportError, match="needs the `datasets` package"):
         dm.setup("fit")

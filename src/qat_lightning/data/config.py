@@ -106,6 +106,8 @@ class DataConfig:
     cross_doc_boundaries: bool = True
     text_path: str | None = None
     hf_dataset: str | None = None  # "name[:config[:split]]", e.g. "wikitext:wikitext-2-raw-v1:train"
+    # local files (a path or glob) for a builder packaged with `datasets`: hf_dataset text | json | csv | parquet
+    hf_data_files: str | None = None
     mix_ratio: float = 0.5
     max_text_tokens: int | None = None
     num_workers: int = 0
@@ -132,5 +134,9 @@ class DataConfig:
                 raise ValueError(
                     f"data.hf_dataset must look like 'name[:config[:split]]'; got {self.hf_dataset!r}"
                 )
+        if self.hf_data_files is not None and self.hf_dataset is None:
+            raise ValueError(
+                "data.hf_data_files needs data.hf_dataset to name the builder that reads them, e.g. text or json"
+            )
         if self.source in ("text", "mixed") and not (self.text_path or self.hf_dataset):
             raise ValueError(f"data.source={self.source!r} needs data.text_path or data.hf_dataset")

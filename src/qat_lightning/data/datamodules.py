@@ -92,8 +92,12 @@ def _encode(tokenizer, texts: list[str]) -> Documents:
         return [list(map(int, tokenizer.encode(t))) for t in texts]
 
 
-def _hf_texts(spec: str) -> Iterable[str]:
-    """Texts of an HF dataset named 'name[:config[:split]]' (streamed: C4 is too big to download)."""
+def _hf_texts(spec: str, data_files: str | None = None) -> Iterable[str]:
+    """Texts of an HF dataset named 'name[:config[:split]]' (streamed: C4 is too big to download).
+
+    With `data_files` (a path or glob), `name` is a builder packaged with `datasets` (text, json, csv,
+    parquet) reading those local files, so no network is needed: e.g. `json` over a C4 `.json.gz` shard.
+    """
     try:
         import datasets
     except ImportError as err:
@@ -102,10 +106,12 @@ def _hf_texts(spec: str) -> Iterable[str]:
             "or point data.text_path at a local text file"
         ) from err
     name, config, split = (spec.split(":") + [None, None])[:3]
+    local = {"data_files": data_files} if data_files else {}
     try:
-        rows = datasets.load_dataset(name, config, split=split or "train", streaming=True)
-    except Exception as err:  # offline, unknown name, ...: one clear line
-        raise RuntimeError(f"could not load HF dataset {spec!r}: {err}") from err
+        rows = datasets.load_dataset(name, config, split=split or "train", streaming=True, **local)
+    except Exception as err:  # offline, unknown name, missing local file, ...: one clear line
+        where = f" with data_files={data_files!r}" if data_files else ""
+        raise RuntimeError(f"could not load HF dataset {spec!r}{where}: {err}") from err
     for row in rows:
         text = row.get("text", "")
         yield from text_documents(text)
@@ -259,7 +265,7 @@ class TextCorpusDataModule(_BlockDataModule):
         if self.cfg.text_path:
             texts: Iterable[str] = text_documents(Path(self.cfg.text_path).expanduser().read_text(encoding="utf-8"))
         else:
-            texts = _hf_texts(self.cfg.hf_dataset)
+            texts = _hf_texts(self.cfg.hf_dataset, self.cfg.hf_data_files)
         docs = encode_texts(self.tokenizer, texts, self.cfg.max_text_tokens)
         if not docs:
             raise ValueError(f"no text found in {self.cfg.text_path or self.cfg.hf_dataset}")

@@ -105,5 +105,10 @@ def evaluate_model(
             metrics["kl"] = float(result["kl"])
             metrics["top1_agreement"] = float(result["top1_agreement"])
     if cfg.lm_eval_tasks:
-        metrics.update(run_lm_eval(model, tokenizer, cfg.lm_eval_tasks, limit=cfg.lm_eval_limit))
+        metrics.update(
+            run_lm_eval(
+                model, tokenizer, cfg.lm_eval_tasks, limit=cfg.lm_eval_limit, batch_size=cfg.batch_size,
+                include_path=cfg.lm_eval_include_path,
+            )
+        )
     return metrics

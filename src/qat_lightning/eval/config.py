@@ -25,6 +25,7 @@ class EvalConfig:
     text_path: str | None = None  # an extra text file scored like WikiText-2 (task "text")
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_limit: int | None = None
+    lm_eval_include_path: str | None = None  # a folder of extra lm-eval task YAMLs (e.g. over local files)
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in (*TASKS, "text")]

@@ -2,13 +2,16 @@
 
 lm-eval's own `hf` model loads from a path; our students are fake-quantized modules that only exist in
 memory, so this adapter implements lm-eval's `LM` interface directly on top of `model(input_ids).logits`.
+Tokenization, the empty-context prefix and the rolling windows follow lm-eval's `hf` model (`HFLM`), so
+the FP teacher scores the same here as with `lm_eval --model hf`.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +19,13 @@ from torch import nn
 
 from qat_lightning.eval.perplexity import model_device
 
+if TYPE_CHECKING:
+    from lm_eval.api.instance import Instance
+
 MISSING = "lm-eval is not installed: pip install 'qat-lightning[eval]'"
+DEFAULT_MAX_LENGTH = 2048  # HFLM's fallback when the model config names no context length
+
+Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
 try:  # the base class only matters when lm-eval is installed; `_require` raises the clear error otherwise
     from lm_eval.api.model import LM as _LMBase
@@ -33,33 +42,61 @@ def _require() -> Any:
 
 
 class QATLM(_LMBase):
-    """lm-eval `LM` over a causal LM whose forward returns `.logits` (B, T, V); greedy generation only."""
+    """lm-eval `LM` over a causal LM whose forward returns `.logits` (B, T, V); greedy generation only.
+
+    `max_length` defaults to the model's `max_position_embeddings` (else 2048), as in HFLM.
+    """
 
     def __init__(
-        self, model: nn.Module, tokenizer: Any, batch_size: int = 1, max_length: int = 2048, max_gen_toks: int = 256
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        batch_size: int = 1,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
     ) -> None:
         _require()
         super().__init__()
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.batch_size, self.max_length, self.max_gen_toks = batch_size, max_length, max_gen_toks
-        eot = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-        self.eot_token_id = eot
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eot or 0)
+        self.batch_size, self.max_gen_toks = int(batch_size), int(max_gen_toks)
+        config_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.max_length = int(max_length or config_length or DEFAULT_MAX_LENGTH)
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.eot_token_id = eos if eos is not None else bos
+        # HFLM conditions an empty context (and the first rolling window) on BOS, else EOS
+        self.prefix_token_id = bos if bos is not None else eos
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (self.eot_token_id or 0)
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _encode_pair(self, context: str, continuation: str) -> Pair:
+        """lm-eval's split: trailing spaces of the context belong to the continuation; the continuation's ids
+        are what the whole string adds to the context's (so merges across the boundary are kept)."""
+        if not context:
+            cont = self._encode(continuation)
+            if cont and cont[0] == self.prefix_token_id:
+                return cont[:1], cont[1:]
+            return [self.prefix_token_id], cont
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+            if not context:  # a context of spaces only: condition on the prefix token like an empty one
+                return self._encode_pair("", continuation)
+        ctx = self._encode(context)
+        return ctx, self._encode(context + continuation)[len(ctx) :]
+
     @torch.inference_mode()
-    def _score(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """(sum log-prob of `cont` given `ctx`, whether `cont` is the greedy continuation) per (ctx, cont) ids."""
-        rows = []
-        for ctx, cont in pairs:
-            row = (ctx + cont)[-(self.max_length + 1) :][:-1]  # inputs: the last token is only a target
-            rows.append((row, cont))
-        width = max(len(r) for r, _ in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (B, L)
+    def _score(self, pairs: Sequence[Pair]) -> list[tuple[float, bool]]:
+        """(sum log-prob of `cont` given `ctx`, whether `cont` is the greedy continuation) per (ctx, cont) ids.
+
+        Rows are right-padded, so each row's positions and causal attention are those of its own sequence.
+        """
+        rows = [(ctx + cont)[-(self.max_length + 1) :][:-1] for ctx, cont in pairs]  # the last token is a target
+        input_ids = torch.full((len(rows), max(map(len, rows))), self.pad_token_id, dtype=torch.long)  # (B, L)
         attention_mask = torch.zeros_like(input_ids)  # (B, L)
-        for i, (row, _) in enumerate(rows):
+        for i, row in enumerate(rows):
             input_ids[i, : len(row)] = torch.tensor(row)
             attention_mask[i, : len(row)] = 1
         device = model_device(self.model)
@@ -67,45 +104,56 @@ class QATLM(_LMBase):
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
         ).logits  # (B, L, V)
         out = []
-        for i, (row, cont) in enumerate(rows):
+        for i, (row, (_, cont)) in enumerate(zip(rows, pairs)):
             cont = cont[-len(row) :]  # a continuation longer than the window is scored on its tail
             steps = F.log_softmax(logits[i, len(row) - len(cont) : len(row)].float(), dim=-1)  # (C, V)
-            target = torch.tensor(cont, device=steps.device)  # (C,)
+            target = torch.tensor(cont, dtype=torch.long, device=steps.device)  # (C,)
             ll = steps.gather(-1, target[:, None]).sum().item()
             out.append((ll, bool((steps.argmax(-1) == target).all())))
         return out
 
-    def _batched(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        results = []
-        for start in range(0, len(pairs), self.batch_size):
-            results.extend(self._score(pairs[start : start + self.batch_size]))
+    def _score_all(self, pairs: Sequence[Pair]) -> list[tuple[float, bool]]:
+        """`_score` in batches of `batch_size`, longest first (less padding), results in the input order.
+
+        An empty continuation has log-prob 0 and is trivially greedy; it never reaches the model.
+        """
+        order = sorted((i for i, (_, cont) in enumerate(pairs) if cont), key=lambda i: -len(pairs[i][0] + pairs[i][1]))
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            for i, result in zip(chunk, self._score([pairs[i] for i in chunk])):
+                results[i] = result
         return results
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """`Instance.args = (context, continuation)`; an empty context is replaced by the end-of-text token."""
-        pairs = []
-        for request in requests:
-            context, continuation = request.args
-            ctx = self._encode(context) if context else [self.eot_token_id]
-            pairs.append((ctx, self._encode(continuation)))
-        return self._batched(pairs)
+    def loglikelihood(self, requests: Sequence[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """`Instance.args = (context, continuation)` -> (log-prob of the continuation, is it greedy)."""
+        return self._score_all([self._encode_pair(*request.args) for request in requests])
 
-    def loglikelihood_rolling(self, requests) -> list[float]:
-        """`Instance.args = (text,)`: total log-prob of the text in disjoint windows of `max_length` tokens."""
+    def loglikelihood_rolling(self, requests: Sequence[Instance], disable_tqdm: bool = False) -> list[float]:
+        """`Instance.args = (text,)` -> total log-prob of the text after the prefix token.
+
+        lm-eval's windows: every token is scored once, in windows of `max_length` tokens; the last window
+        keeps a full `max_length` context instead of starting fresh.
+        """
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
         results = []
         for request in requests:
-            tokens = self._encode(request.args[0])
-            shifted = [self.eot_token_id, *tokens]  # the token before each target
-            pairs = []
-            for start in range(0, len(tokens), self.max_length):
-                targets = tokens[start : start + self.max_length]
-                pairs.append((shifted[start : start + 1], targets))  # one token of context, then the window
-            results.append(sum(ll for ll, _ in self._batched(pairs)))
+            windows = get_rolling_token_windows(
+                token_list=self._encode(request.args[0]),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
+            results.append(sum(ll for ll, _ in self._score_all([make_disjoint_window(w) for w in windows])))
         return results
 
     @torch.inference_mode()
-    def generate_until(self, requests) -> list[str]:
-        """`Instance.args = (context, gen_kwargs)`: greedy decoding until a stop string, EOS or `max_gen_toks`."""
+    def generate_until(self, requests: Sequence[Instance], disable_tqdm: bool = False) -> list[str]:
+        """`Instance.args = (context, gen_kwargs)`: greedy decoding until a stop string, EOS or `max_gen_toks`.
+
+        Sampling settings in `gen_kwargs` are ignored: quantized models are compared on greedy outputs.
+        """
         outputs = []
         device = model_device(self.model)
         for request in requests:
@@ -113,7 +161,7 @@ class QATLM(_LMBase):
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            ids = self._encode(context)[-self.max_length :]
+            ids = self._encode(context) or [self.prefix_token_id]
             generated: list[int] = []
             for _ in range(max_new):
                 window = torch.tensor([(ids + generated)[-self.max_length :]], device=device)  # (1, L)
@@ -121,8 +169,7 @@ class QATLM(_LMBase):
                 if next_id == self.tokenizer.eos_token_id:
                     break
                 generated.append(next_id)
-                text = self.tokenizer.decode(generated)
-                if any(stop in text for stop in until):
+                if until and any(stop in self.tokenizer.decode(generated) for stop in until):
                     break
             text = self.tokenizer.decode(generated)
             for stop in until:
@@ -131,17 +178,44 @@ class QATLM(_LMBase):
         return outputs
 
 
+def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """lm-eval's `results` -> {"<task>_<metric>": value}; the filter is appended unless it is "none".
+
+    Only `"metric,filter"` keys are metrics (`sample_len`, `alias`, ... are not); stderr entries are dropped.
+    """
+    metrics = {}
+    for task, values in results.items():
+        for key, value in values.items():
+            if "," not in key or "_stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            metric, filter_name = key.split(",", 1)
+            suffix = "" if filter_name == "none" else f"_{filter_name}"
+            metrics[f"{task}_{metric}{suffix}"] = float(value)
+    return metrics
+
+
 def run_lm_eval(
-    model: nn.Module, tokenizer: Any, tasks: Sequence[str], limit: int | None = None, batch_size: int = 1
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    limit: int | None = None,
+    batch_size: int = 1,
+    include_path: str | os.PathLike | None = None,
 ) -> dict[str, float]:
-    """Run lm-eval `tasks` on an in-memory model; returns {"<task>_<metric>": value} without stderr entries."""
+    """Run lm-eval `tasks` on an in-memory model; returns {"<task>_<metric>": value} without stderr entries.
+
+    `include_path`: a folder of extra task YAMLs (e.g. a task over a local JSON-lines file, so nothing is
+    downloaded); the built-in tasks stay available. Stderrs are not bootstrapped since they are dropped.
+    """
     lm_eval = _require()
     if not tasks:
         raise ValueError("run_lm_eval needs at least one task name, e.g. ['arc_easy']")
-    out = lm_eval.simple_evaluate(model=QATLM(model, tokenizer, batch_size=batch_size), tasks=list(tasks), limit=limit)
-    metrics = {}
-    for task, values in out["results"].items():
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in key:
-                metrics[f"{task}_{key.split(',')[0]}"] = float(value)
-    return metrics
+    extra: dict[str, Any] = {}
+    if include_path is not None:
+        from lm_eval.tasks import TaskManager
+
+        extra["task_manager"] = TaskManager(include_path=str(include_path))
+    out = lm_eval.simple_evaluate(
+        model=QATLM(model, tokenizer, batch_size=batch_size), tasks=list(tasks), limit=limit, bootstrap_iters=0, **extra
+    )
+    return flatten_results(out["results"])
