@@ -61,10 +61,23 @@ def collect(runs: list[Path], metric: str) -> tuple[list[str], dict[str, dict[st
     return methods, table, failed
 
 
+def recovery(row: dict[str, float | None]) -> float | None:
+    """Share of RTN's loss that QAT wins back, `(rtn - qat) / (rtn - fp)` (#5's goal metric); None if undefined."""
+    fp, rtn, qat = row.get("fp"), row.get("rtn"), row.get("qat")
+    if fp is None or rtn is None or qat is None or rtn == fp:
+        return None
+    return (rtn - qat) / (rtn - fp)
+
+
 def markdown(methods: list[str], table: dict[str, dict[str, float | None]], metric: str) -> str:
-    lines = [f"`{metric}`", "", "| run | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    with_rec = {"fp", "rtn", "qat"} <= set(methods)
+    head = methods + (["QAT recovery of RTN's loss"] if with_rec else [])
+    lines = [f"`{metric}`", "", "| run | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for label, row in table.items():
         cells = ["-" if row.get(m) is None else f"{row[m]:.4g}" for m in methods]
+        if with_rec:
+            rec = recovery(row)
+            cells.append("-" if rec is None else f"{100 * rec:.1f} %")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -32,8 +32,8 @@ def test_collect_builds_table_and_plot_and_lists_failed_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "collect.py"), str(sweep), "--out", str(out)],
                           capture_output=True, text=True, check=True)
     text = out.with_suffix(".md").read_text()
-    assert "| quant=w4a8kv4 | 20 | 40 | 25 |" in text
-    assert "| quant=w8a8kv8 | 20 | - | 21 |" in text
+    assert "| quant=w4a8kv4 | 20 | 40 | 25 | 75.0 % |" in text  # recovery (40 - 25) / (40 - 20)
+    assert "| quant=w8a8kv8 | 20 | - | 21 | - |" in text
     assert "quant=w2" in text and "no results.json" in text  # failed runs are recorded, not dropped
     assert "diverged" in text
     assert out.with_suffix(".png").stat().st_size > 1000
@@ -48,3 +48,12 @@ def test_every_ablation_is_a_single_multirun_command():
         assert any(o.startswith("logger.group=") for o in cmd)
     methods, table, failed = collect.collect([], "evaluate/{method}/kl")
     assert (methods, table, failed) == ([], {}, [])
+
+
+def test_ablation_overrides_replace_the_budget_keys_they_set():
+    """Hydra refuses a key given twice, so the ablation's own value must win over the shared budget's."""
+    cmd = ablations.command("corpus_size", "demo", ["trainer.max_epochs=2"])
+    sizes = [o for o in cmd if o.startswith("generation.num_sequences=")]
+    assert sizes == ["generation.num_sequences=64,128,256,512"]
+    assert [o for o in cmd if o.startswith("trainer.max_epochs=")] == ["trainer.max_epochs=2"]
+    assert "evaluate.seq_len=512" in cmd  # untouched budget keys stay
