@@ -1,12 +1,20 @@
-"""Export trade-offs on SmolLM2-135M: file size, KV-cache bytes and decode speed of the integer model.
+"""Export trade-offs on SmolLM2-135M: size, bits, KV-cache bytes, WikiText-2 perplexity and decode speed.
 
-For each setting the (untrained) student from `quantize_model` is exported with the defaults (fp16
-scales, fp16 FP params), reloaded with `load_exported`, and decoded greedily with `QuantizedKVCache`.
-Baselines: the same model all-fp16 for sizes, an fp16 KV cache for KV bytes, the FP32 model with HF's
-DynamicCache for tokens/s. Times are medians of --repeats runs on whatever CPU/GPU this runs on.
+For each setting the *untrained* round-to-nearest student from `quantize_model` (no QAT: the worst case
+a trained student improves on) is exported with the defaults (fp16 scales, fp16 FP params), reloaded with
+`load_exported`, and decoded greedily with `QuantizedKVCache`, once with `weights="packed"` (codes
+dequantized in every forward) and once with `weights="dequantized"` (dequantized once at load).
+Perplexity (GPTQ convention, `qat_lightning.eval.perplexity`) is measured on the first --ppl-windows
+windows of --ppl-seq-len tokens of WikiText-2 test ($QAT_DATA_DIR/wikitext2/wiki.test.raw), with the
+dequantized weights (same logits as packed; checked on the first window). Baselines: the same model
+all-fp16 for sizes, its fp32 perplexity, an fp16 KV cache for KV bytes, the FP32 model with HF's
+DynamicCache for tokens/s. The FP model and each setting's weight modes are timed interleaved, round by
+round (--repeats rounds, medians), and speeds are reported as paired ratios to the FP model, so load from
+other processes hits all contenders alike.
 
     python benchmarks/bench_export.py                       # SmolLM2, writes docs/export_tradeoff.png
     python benchmarks/bench_export.py --model tiny --new-tokens 8 --out /tmp/tradeoff.png
+    python benchmarks/bench_export.py --replot saved.json   # redraw the plot from a --json file
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import torch
 from common import load_bench_model
 from torch import nn
 
+from qat_lightning.eval.perplexity import perplexity, tokenize_text
+from qat_lightning.eval.sources import load_text
 from qat_lightning.export import (
     QuantizedKVCache,
     export_student,
@@ -29,6 +39,7 @@ from qat_lightning.export import (
     load_exported,
     theoretical_kv_bytes,
 )
+from qat_lightning.models import ByteTokenizer, load_model
 from qat_lightning.quant import QuantConfig, quantize_model
 
 EMB = r"embed_tokens|lm_head"
@@ -43,22 +54,60 @@ SETTINGS = {  # name: (QuantConfig fields, decode speed measured?)
 }
 
 
-def decode_tokens_per_s(
-    model: nn.Module, batch: int, new_tokens: int, repeats: int, quantized_cache: bool, vocab: int
-) -> float:
-    """Generated tokens per second of greedy decoding (8-token prompt, prefill included), median of repeats."""
+def load_with_tokenizer(name: str) -> tuple[nn.Module, object]:
+    """The fp32 bench model and its tokenizer: SmolLM2's own, or bytes for the tiny random model.
+
+    SmolLM2 comes straight from `load_model` (fp32 already) rather than `common.load_bench_model`, whose
+    `.float()` transformers refuses when the converted config still carries the GGUF quantization_config.
+    """
+    if name == "tiny":
+        return load_bench_model("tiny"), ByteTokenizer()
+    model, tokenizer = load_model({"source": "smollm2", "dtype": "float32"})
+    return model.eval(), tokenizer
+
+
+def wikitext2_ids(tokenizer) -> torch.Tensor | None:
+    """WikiText-2 test tokenized once as a whole, or None (with a note) when the file is not available."""
+    try:
+        return tokenize_text(tokenizer, load_text("wikitext2"))
+    except FileNotFoundError as err:
+        print(f"perplexity skipped: {err}")
+        return None
+
+
+def _generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, quantized_cache: bool) -> float:
+    """Seconds for one greedy `generate` of exactly `new_tokens` tokens (prefill included)."""
+    kw = {"past_key_values": QuantizedKVCache(model)} if quantized_cache else {}
+    t = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, **kw)
+    return time.perf_counter() - t
+
+
+def decode_side_by_side(
+    contenders: dict[str, tuple[nn.Module, bool]], batch: int, new_tokens: int, repeats: int, vocab: int
+) -> dict[str, dict[str, float]]:
+    """Greedy decode speed of each contender (model, uses QuantizedKVCache), interleaved round by round.
+
+    After a short untimed warm-up of each, every round times each contender once on the same 8-token
+    prompt, so load from other processes hits all of them alike. Returns, per contender, "tps" (median
+    tok/s over rounds) and "vs_ref": the median over rounds of t(first contender) / t(this one).
+    """
     ids = torch.randint(0, vocab, (batch, 8), generator=torch.Generator().manual_seed(0))
-    times = []
-    for i in range(repeats + 1):  # the first run warms up allocators and kernels, not timed
-        kw = {"past_key_values": QuantizedKVCache(model)} if quantized_cache else {}
-        t = time.perf_counter()
-        with torch.no_grad():
-            model.generate(
-                ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, **kw
-            )
-        if i:
-            times.append(time.perf_counter() - t)
-    return batch * new_tokens / statistics.median(times)
+    for model, qc in contenders.values():
+        _generate(model, ids, 2, qc)  # warm-up: allocators, kernels
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, (model, qc) in contenders.items():
+            times[name].append(_generate(model, ids, new_tokens, qc))
+    ref = times[next(iter(contenders))]
+    return {
+        name: {
+            "tps": batch * new_tokens / statistics.median(ts),
+            "vs_ref": statistics.median(r / t for r, t in zip(ref, ts)),
+        }
+        for name, ts in times.items()
+    }
 
 
 def measured_kv_ratio(model: nn.Module, context: int, vocab: int) -> float:
@@ -73,35 +122,96 @@ def measured_kv_ratio(model: nn.Module, context: int, vocab: int) -> float:
     return kv_cache_bytes(cache) / fp16
 
 
-def plot(rows: list[dict], fp32_tps: dict[int, float], out: Path) -> None:
+def plot(rows: list[dict], fp_row: dict, budget: str, out: Path) -> None:
+    """Left: size vs perplexity (colour = weight bits, marker area = decode tok/s); right: tok/s per mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in rows:
-        ax1.scatter(r["size_mb"], r["w_bits"], s=60)
-        ax1.annotate(r["setting"], (r["size_mb"], r["w_bits"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax1.set_xlabel("export size (MB, model.safetensors)")
-    ax1.set_ylabel("weight bits")
-    ax1.set_title(f"size vs bits (fp16 model = {rows[0]['fp16_mb']:.0f} MB)")
-    ax1.axvline(rows[0]["fp16_mb"] * 0.30, ls="--", c="grey", lw=1)
-    ax1.text(rows[0]["fp16_mb"] * 0.30, ax1.get_ylim()[1] * 0.95, " 0.30 x fp16", fontsize=8, color="grey")
-    for batch, marker in ((1, "o"), (8, "s")):
-        pts = [(r["size_mb"], r[f"tps_b{batch}"], r["setting"]) for r in rows if r.get(f"tps_b{batch}")]
-        ax2.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"integer model, batch {batch}")
-        for x, y, name in pts:
-            ax2.annotate(name, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
-        ax2.axhline(fp32_tps[batch], ls="--", lw=1, c="C0" if batch == 1 else "C1", label=f"fp32 model, batch {batch}")
-    ax2.set_xlabel("export size (MB)")
-    ax2.set_ylabel("decode tokens/s")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1.1, 1]})
+    has_ppl = fp_row.get("ppl") is not None
+    colours = {16: "black", 8: "C1", 4: "C0"}
+    tps_max = max(r.get("tps_deq_b1") or 0 for r in [fp_row, *rows]) or 1.0
+    for r in [fp_row, *rows]:
+        y = r["ppl"] if has_ppl else r["w_bits"]
+        tps = r.get("tps_deq_b1")
+        area = 40 + 460 * (tps or 0) / tps_max
+        ax1.scatter(
+            r["size_mb"],
+            y,
+            s=area,
+            c=colours.get(r["w_bits"], "C2"),
+            alpha=0.75,
+            marker="o" if tps else "x",
+            edgecolors="k" if tps else None,
+        )
+        label = f"{r['setting']}\n{r['w_bits']}-bit W"
+        if tps:
+            label += f", {tps:.1f} tok/s" + (f" (packed {r['tps_packed_b1']:.1f})" if r.get("tps_packed_b1") else "")
+        below = not tps  # untimed points label below-left, away from their timed neighbours
+        ax1.annotate(
+            label,
+            (r["size_mb"], y),
+            textcoords="offset points",
+            xytext=(-8, -22) if below else (8, 4),
+            ha="right" if below else "left",
+            fontsize=7,
+        )
+    for bits, c in colours.items():
+        ax1.scatter([], [], c=c, s=60, label=f"{bits}-bit weights" + (" (FP reference)" if bits == 16 else ""))
+    ax1.scatter([], [], c="grey", marker="x", label="decode not timed")
+    ax1.legend(fontsize=7, loc="best", title="marker area = batch-1 tok/s (dequantized)", title_fontsize=7)
+    ax1.axvline(fp_row["size_mb"] * 0.30, ls="--", c="grey", lw=1)
+    ax1.text(
+        fp_row["size_mb"] * 0.30, 0.02, " 0.30 x fp16", fontsize=7, color="grey", transform=ax1.get_xaxis_transform()
+    )
+    ax1.set_xlabel("export size (MB, model.safetensors; FP row: fp16 checkpoint)")
+    if has_ppl:
+        ppls = [r["ppl"] for r in [fp_row, *rows]]
+        if max(ppls) / min(ppls) > 3:  # a log axis only when the range is wide enough to have ticks
+            ax1.set_yscale("log")
+            ax1.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+            ax1.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax1.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax1.set_ylabel(f"WikiText-2 perplexity{' (log)' if ax1.get_yscale() == 'log' else ''}")
+        ax1.margins(y=0.12)
+    else:
+        ax1.set_ylabel("weight bits (no WikiText-2 data: perplexity skipped)")
+    ax1.set_xlim(0, fp_row["size_mb"] * 1.35)
+    ax1.set_title(f"size x bits x perplexity x tok/s, untrained RTN students\n(WikiText-2 {budget})", fontsize=9)
+
+    timed = [r for r in rows if r.get("tps_packed_b1")]
+    modes = [("packed", "packed (dequant per forward)"), ("deq", "dequantized once at load"), ("int8", "int8 kernel")]
+    width = 0.8 / len(modes)
+    for batch, hatch, x0 in ((1, None, 0), (8, "//", len(timed) + 1)):
+        for j, (key, label) in enumerate(modes):
+            pts = [(x0 + i + (j - 1) * width, r) for i, r in enumerate(timed) if r.get(f"vs_fp_{key}_b{batch}")]
+            ys = [r[f"vs_fp_{key}_b{batch}"] for _, r in pts]
+            ax2.bar([x for x, _ in pts], ys, width, color=f"C{j}", hatch=hatch, label=label if batch == 1 else None)
+            for (x, r), y in zip(pts, ys):
+                ax2.annotate(f"{r[f'tps_{key}_b{batch}']:.1f}", (x, y), ha="center", va="bottom", fontsize=6)
+    ax2.axhline(1.0, ls="--", c="k", lw=1, label="fp32 model (timed in the same rounds)")
+    ticks = [(i, f"{r['setting']}\nbatch 1") for i, r in enumerate(timed)]
+    ticks += [(len(timed) + 1 + i, f"{r['setting']}\nbatch 8") for i, r in enumerate(timed)]
+    ax2.set_xticks([t[0] for t in ticks], [t[1] for t in ticks], fontsize=6, rotation=30, ha="right")
     ax2.set_yscale("log")
-    ax2.set_title("decode speed (greedy, integer KV cache)")
+    ax2.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+    ax2.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax2.set_ylabel("decode speed / fp32 model (paired rounds; labels: tok/s)")
+    ax2.set_title("decode speed by weight mode (greedy, integer KV cache)", fontsize=9)
     ax2.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
+
+
+def _fmt(v: float | None, ratio: float | None = None, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}" + (f" ({ratio:.2f}x)" if ratio else "")
 
 
 def main() -> None:
@@ -112,27 +222,50 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--context", type=int, default=2048, help="context length for KV-cache bytes")
+    ap.add_argument("--ppl-seq-len", type=int, default=512, help="WikiText-2 window length")
+    ap.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 windows scored (0: skip perplexity)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--replot", default=None, help="redraw --out from a saved --json file, measuring nothing")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        plot(saved["rows"], saved["fp"], saved["budget"], Path(args.out))
+        print(f"plot: {args.out}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = load_bench_model(args.model).eval()
+    model, tokenizer = load_with_tokenizer(args.model)
     vocab = model.config.vocab_size
     n_emb = model.get_input_embeddings().weight.numel()
+    fp16_mb = 2 * sum(p.numel() for p in model.parameters()) / 1e6  # tied weights counted once
     print(
         f"model: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params "
-        f"(embedding {n_emb / 1e6:.1f}M), torch threads {torch.get_num_threads()}"
+        f"(embedding {n_emb / 1e6:.1f}M), torch threads {torch.get_num_threads()}\n"
+        "students: untrained round-to-nearest (quantize_model, no QAT), exported with fp16 scales"
     )
-    fp32_tps = {b: decode_tokens_per_s(model, b, args.new_tokens, args.repeats, False, vocab) for b in (1, 8)}
+    ids = wikitext2_ids(tokenizer) if args.ppl_windows > 0 else None
+    budget = "skipped (no WikiText-2 data or --ppl-windows 0)"
+    if ids is not None:
+        n_win = min(args.ppl_windows, ids.numel() // args.ppl_seq_len)
+        budget = f"seq {args.ppl_seq_len}, {n_win} windows = {n_win * (args.ppl_seq_len - 1)} predicted tokens"
+        print(f"perplexity budget: WikiText-2 test ({ids.numel()} tokens), first {budget}")
+
+    def ppl(m: nn.Module) -> float | None:
+        return None if ids is None else perplexity(m, ids, args.ppl_seq_len, max_windows=args.ppl_windows)["ppl"]
+
+    fp_row = {"setting": "FP (fp32; size as fp16)", "w_bits": 16, "kv_bits": 16, "size_mb": fp16_mb, "ppl": ppl(model)}
+    print(f"  FP: ppl {fp_row['ppl']}", flush=True)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "exp"
         for name, (fields, timed) in SETTINGS.items():
             student = quantize_model(model, QuantConfig(**fields))
-            stats = export_student(student, Path(tmp) / "exp")
+            stats = export_student(student, path)
             del student
-            exported = load_exported(Path(tmp) / "exp")
+            packed = load_exported(path)
+            cached = load_exported(path, weights="dequantized")
             row = {
                 "setting": name,
                 "w_bits": fields.get("w_bits", 4),
@@ -143,54 +276,68 @@ def main() -> None:
                 "embedding_mb": stats["embedding_bytes"] / 1e6,
                 "ratio_wo_emb": (stats["size_bytes"] - stats["embedding_bytes"])
                 / (stats["fp16_size_bytes"] - 2 * n_emb),
+                "ppl": ppl(cached),
             }
-            if timed:
+            if ids is not None:  # same logits in both weight modes: check it on the first window
+                first = ids[: args.ppl_seq_len]
+                nll = [perplexity(m, first, args.ppl_seq_len)["nll"] for m in (packed, cached)]
+                row["nll_w1_packed_minus_dequantized"] = nll[0] - nll[1]
+            if timed:  # FP model, packed, dequantized (and the int8 kernel) interleaved round by round
+                contenders = {"fp": (model, False), "packed": (packed, True), "deq": (cached, True)}
+                if name == "W8A8KV8":
+                    contenders["int8"] = (load_exported(path, int8_kernel=True), True)
                 for b in (1, 8):
-                    row[f"tps_b{b}"] = decode_tokens_per_s(exported, b, args.new_tokens, args.repeats, True, vocab)
-            if name == "W8A8KV8" and timed:
-                fast = load_exported(Path(tmp) / "exp", int8_kernel=True)
-                row["tps_b1_int8mm"] = decode_tokens_per_s(fast, 1, args.new_tokens, args.repeats, True, vocab)
-                row["tps_b8_int8mm"] = decode_tokens_per_s(fast, 8, args.new_tokens, args.repeats, True, vocab)
-                del fast
+                    res = decode_side_by_side(contenders, b, args.new_tokens, args.repeats, vocab)
+                    for key, r in res.items():
+                        row[f"tps_{key}_b{b}"] = r["tps"]
+                        if key != "fp":
+                            row[f"vs_fp_{key}_b{b}"] = r["vs_ref"]
+                del contenders
             if name in ("W4A8KV4", "W8A8KV8"):
                 theory = theoretical_kv_bytes(model.config, args.context, row["kv_bits"])
                 row["kv_ratio_theory"] = theory["ratio"]
-                row["kv_ratio_measured"] = measured_kv_ratio(exported, args.context, vocab)
+                row["kv_ratio_measured"] = measured_kv_ratio(cached, args.context, vocab)  # same bytes as packed
             rows.append(row)
             print(
                 f"  {name}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})}",
                 flush=True,
             )
-            del exported
+            del packed, cached
 
+    for b in (1, 8):  # the FP model's speed over all rounds, for the plot's reference point
+        fps = [r[f"tps_fp_b{b}"] for r in rows if f"tps_fp_b{b}" in r]
+        fp_row[f"tps_deq_b{b}"] = statistics.median(fps) if fps else None
     print(
-        f"\nfp32 model decode: batch 1 {fp32_tps[1]:.1f} tok/s, batch 8 {fp32_tps[8]:.1f} tok/s "
-        f"({args.new_tokens} new tokens, median of {args.repeats})\n"
+        f"\nmodels: untrained RTN students (quantize_model, no QAT); perplexity: WikiText-2 test, {budget}; "
+        f"decode: greedy, 8-token prompt, {args.new_tokens} new tokens, median of {args.repeats} interleaved "
+        "rounds, integer KV cache for the exported models, DynamicCache for FP; FP = the fp32 model timed in the "
+        "same rounds; (x) = median over rounds of t(FP) / t(this)\n"
     )
     print(
-        f"| setting | size MB | / fp16 | emb MB | / fp16 w/o emb | KV bytes / fp16 @{args.context} | "
-        "tok/s b1 (/fp32) | tok/s b8 (/fp32) |"
+        f"| setting | W bits | size MB | / fp16 | emb MB | / fp16 w/o emb | KV bytes / fp16 @{args.context} | "
+        "WikiText-2 ppl | b1 tok/s packed | b1 dequantized | b1 FP | b8 tok/s packed | b8 dequantized | b8 FP |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {fp_row['setting']} | 16 | {fp16_mb:.1f} | 1 | - | - | 1 | {_fmt(fp_row['ppl'], digits=2)} |" + " - |" * 6
+    )
     for r in rows:
         kv = f"{r['kv_ratio_measured']:.3f} (theory {r['kv_ratio_theory']:.3f})" if "kv_ratio_measured" in r else "-"
-        tps = [
-            f"{r[f'tps_b{b}']:.1f} ({r[f'tps_b{b}'] / fp32_tps[b]:.2f}x)" if f"tps_b{b}" in r else "-" for b in (1, 8)
-        ]
+        speeds = []
+        for b in (1, 8):
+            speeds += [_fmt(r.get(f"tps_{k}_b{b}"), r.get(f"vs_fp_{k}_b{b}")) for k in ("packed", "deq")]
+            speeds.append(_fmt(r.get(f"tps_fp_b{b}")))
         print(
-            f"| {r['setting']} | {r['size_mb']:.1f} | {r['ratio']:.3f} | {r['embedding_mb']:.1f} | "
-            f"{r['ratio_wo_emb']:.3f} | {kv} | {tps[0]} | {tps[1]} |"
+            f"| {r['setting']} | {r['w_bits']} | {r['size_mb']:.1f} | {r['ratio']:.3f} | {r['embedding_mb']:.1f} | "
+            f"{r['ratio_wo_emb']:.3f} | {kv} | {_fmt(r['ppl'], digits=2)} | " + " | ".join(speeds) + " |"
         )
-        if "tps_b1_int8mm" in r:
-            print(
-                f"| {r['setting']} int8 kernel | | | | | | {r['tps_b1_int8mm']:.1f} "
-                f"({r['tps_b1_int8mm'] / fp32_tps[1]:.2f}x) | {r['tps_b8_int8mm']:.1f} "
-                f"({r['tps_b8_int8mm'] / fp32_tps[8]:.2f}x) |"
-            )
-    plot(rows, fp32_tps, Path(args.out))
+        if "tps_int8_b1" in r:
+            i8 = [_fmt(r[f"tps_int8_b{b}"], r[f"vs_fp_int8_b{b}"]) for b in (1, 8)]
+            print(f"| {r['setting']} int8 kernel |" + " |" * 7 + f" {i8[0]} | | | {i8[1]} | | |")
+    plot(rows, fp_row, budget, Path(args.out))
     print(f"\nplot: {args.out}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"fp32_tokens_per_s": fp32_tps, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"budget": budget, "fp": fp_row, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from torch import nn
 
 from qat_lightning.export import (
     ExportConfig,
+    QuantizedEmbedding,
     QuantizedKVCache,
     QuantizedLinear,
     export_student,
@@ -22,7 +23,14 @@ from qat_lightning.export import (
     unpack_int4,
 )
 from qat_lightning.export.exporter import sha256_file
-from qat_lightning.quant import QuantConfig, QuantSpec, iter_quant_linears, quantize_model, quantize_to_int
+from qat_lightning.quant import (
+    QuantConfig,
+    QuantSpec,
+    fake_quantize,
+    iter_quant_linears,
+    quantize_model,
+    quantize_to_int,
+)
 
 EXACT = {"scale_dtype": "float32", "fp_dtype": "float32"}  # nothing rounded: the export must be bit-faithful
 
@@ -176,6 +184,16 @@ def test_quantized_tied_embeddings(tmp_path, quantize_lm_head):
     assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
+def test_source_quantization_config_not_exported(tmp_path):
+    """A model converted from GGUF keeps HF's gguf quantization_config; the export must not claim it."""
+    model = tiny_llama()
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    export_student(quantize_model(model, QuantConfig()), tmp_path / "exp")
+    assert "quantization_config" not in json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert "quantization_config" in model.config.to_dict()  # the source model is left alone
+    load_exported(tmp_path / "exp")
+
+
 def test_int8_kernel_fast_path_matches(tmp_path):
     student = quantize_model(tiny_llama(), QuantConfig(w_bits=8, a_bits=8, kv_bits=8))
     export_student(student, tmp_path / "exp", **EXACT)
@@ -184,6 +202,64 @@ def test_int8_kernel_fast_path_matches(tmp_path):
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
     ref, out = _logits(student, ids), _logits(fast, ids)
     assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+DEQUANT_CONFIGS = {
+    **{k: CONFIGS[k] for k in ("w4a8kv4_sym", "w8a8kv8_asym", "w4a8kv4_asym_overrides", "w4a8kv4_head_group")},
+    "w4a8kv4_emb4_tied": dict(w_bits=4, a_bits=8, kv_bits=4, quantize_embeddings=True, quantize_lm_head=True),
+}
+
+
+@pytest.mark.parametrize("name", list(DEQUANT_CONFIGS))
+def test_dequantized_weights_equal_packed(tmp_path, name):
+    """weights="dequantized" caches the same weights: logits and generation equal the packed (on-the-fly) path."""
+    tied = "tied" in name
+    student = quantize_model(tiny_llama(tie=tied), QuantConfig(**DEQUANT_CONFIGS[name]))
+    export_student(student, tmp_path / "exp")  # default fp16 scales: what a deployment loads
+    packed = load_exported(tmp_path / "exp")
+    cached = load_exported(tmp_path / "exp", weights="dequantized")
+    mods = {n: m for n, m in cached.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    assert mods and all(m.cached_weight is not None for m in mods.values())
+    assert all(
+        m.cached_weight is None for m in packed.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
+    )
+    assert cached.state_dict().keys() == packed.state_dict().keys()  # the cache is not persistent
+    if tied:  # lm_head shares the embedding's codes, so it shares the dequantized table too
+        assert isinstance(mods["model.embed_tokens"], QuantizedEmbedding)
+        assert mods["lm_head"].cached_weight is mods["model.embed_tokens"].cached_weight
+
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(9))
+    ref, out = _logits(packed, ids), _logits(cached, ids)
+    assert (out - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+    # activations and KV are still quantized per token: k_proj outputs lie on the KV grid, inputs on the A grid
+    k_proj = cached.model.layers[0].self_attn.k_proj
+    seen = []
+    handle = k_proj.register_forward_hook(lambda m, i, o: seen.append((i[0].detach(), o.detach())))
+    _logits(cached, ids)
+    handle.remove()
+    x, y = seen[0]
+    assert (fake_quantize(y, k_proj.out_spec) - y).abs().max().item() <= 1e-6 * y.abs().max().item()
+    raw = torch.nn.functional.linear(fake_quantize(x, k_proj.act_spec), k_proj.cached_weight)
+    assert (fake_quantize(raw, k_proj.out_spec) - raw).abs().max().item() > 1e-4 * raw.abs().max().item()
+    assert not torch.allclose(k_proj(x), torch.nn.functional.linear(x, k_proj.cached_weight))  # input quantized
+
+    kw = dict(do_sample=False, max_new_tokens=10, pad_token_id=0)
+    gen_ref = packed.generate(ids[:, :5], past_key_values=QuantizedKVCache(packed), **kw)
+    assert torch.equal(cached.generate(ids[:, :5], past_key_values=QuantizedKVCache(cached), **kw), gen_ref)
+
+    for m in mods.values():  # back to packed mode
+        m.drop_cache()
+    assert torch.equal(_logits(cached, ids), ref)
+
+
+def test_dequantized_weights_other_dtype_and_bad_mode(tmp_path, exported):
+    half = load_exported(exported, dtype=torch.bfloat16, weights="dequantized")
+    lin = next(m for m in half.modules() if isinstance(m, QuantizedLinear))
+    assert lin.cached_weight.dtype == torch.bfloat16
+    assert torch.equal(lin.cached_weight, lin.dequantized(torch.bfloat16))
+    with pytest.raises(ValueError, match="weights must be one of"):
+        load_exported(exported, weights="int4")
 
 
 # ---- integrity ---------------------------------------------------------------------------------------

@@ -139,6 +139,8 @@ def export_student(
 
     # lm_head quantized from a copy of the embedding it was tied to: store the codes once.
     out_cfg = copy.deepcopy(config)
+    if hasattr(out_cfg, "quantization_config"):  # e.g. the GGUF one of a converted SmolLM2: not this format's
+        del out_cfg.quantization_config
     emb_name = next(n for n, mod in student.named_modules() if mod is emb)
     head_name = next((n for n, mod in student.named_modules() if mod is head), None)
     if (

@@ -1,9 +1,17 @@
 """Load an export back into a runnable HF model whose quantized layers hold real integer codes.
 
-Each quantized linear becomes a `QuantizedLinear`: packed codes + scales, dequantized on the fly in every
-forward (nothing cached, so memory stays at the packed size), with inputs fake-quantized per token and
-k_proj/v_proj outputs quantized per token exactly as in training. The logits therefore match the
+Each quantized linear becomes a `QuantizedLinear`: packed codes + scales, with inputs fake-quantized per
+token and k_proj/v_proj outputs quantized per token exactly as in training. The logits therefore match the
 fake-quant student (up to the scales' storage dtype). Integrity is checked before anything is built.
+
+Two ways to hold the weights (`load_exported(weights=...)`):
+
+* ``"packed"`` (default): only codes + scales; each forward dequantizes them on the fly. Memory stays at
+  the packed size, decoding is slow (the dequantization dominates a small-batch step).
+* ``"dequantized"``: each quantized linear / embedding also keeps its dequantized weight in the compute
+  dtype, computed once at load by the very same `dequantize` call. Memory = the FP weights (plus the small
+  codes); matmuls = the FP model's; numerics identical to ``"packed"`` (same weight tensor, bit for bit).
+  Activations and the KV cache are still quantized per token in every forward.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from qat_lightning.quant import QuantConfig, QuantLinear, QuantSpec, dequantize,
 __all__ = ["QuantizedEmbedding", "QuantizedLinear", "load_exported", "read_export_meta"]
 
 _OFF = QuantSpec(bits=16)
+WEIGHT_MODES = ("packed", "dequantized")
 
 
 def _spec(d: dict | None) -> QuantSpec:
@@ -51,11 +60,36 @@ class _PackedWeight(nn.Module):
         zeros = None if self.zeros is None else self.zeros.float()
         return dequantize(self.codes(), self.scales.float(), zeros, self.weight_spec).to(dtype)
 
+    @property
+    def cached_weight(self) -> torch.Tensor | None:
+        """The weight dequantized once by `cache_dequantized`, or None (packed mode)."""
+        return self._buffers.get("weight_cache")
+
+    def cache_dequantized(self, dtype: torch.dtype, weight: torch.Tensor | None = None) -> None:
+        """Keep the dequantized weight in `dtype` (a non-persistent buffer: the state_dict is unchanged).
+
+        `weight` may be given to share one tensor between modules with the same codes (tied lm_head).
+        """
+        w = self.dequantized(dtype) if weight is None else weight
+        if tuple(w.shape) != self.shape or w.dtype != dtype:
+            raise ValueError(f"cached weight must be {self.shape} {dtype}, got {tuple(w.shape)} {w.dtype}")
+        self.register_buffer("weight_cache", w, persistent=False)
+
+    def drop_cache(self) -> None:
+        """Back to packed mode: free the dequantized weight."""
+        self._buffers.pop("weight_cache", None)
+
+    def _weight_for(self, dtype: torch.dtype) -> torch.Tensor:
+        """The cached weight when it has `dtype`, else dequantized now (the same values either way)."""
+        w = self.cached_weight
+        return w if w is not None and w.dtype == dtype else self.dequantized(dtype)
+
 
 class QuantizedLinear(_PackedWeight):
     """Linear layer over integer weights: ``y = fq_out(fq_act(x) @ dequant(Wq).T + b)``.
 
-    The weight is dequantized in every forward (cache-free): the baseline any integer kernel must match.
+    Packed mode dequantizes the weight in every forward (cache-free): the baseline any integer kernel or
+    cache must match. After `cache_dequantized` the same weight is computed once and reused.
     """
 
     def __init__(self, shape, weight_spec, qweight, scales, zeros, bias, act_spec, out_spec) -> None:
@@ -79,18 +113,23 @@ class QuantizedLinear(_PackedWeight):
             y = torch._weight_int8pack_mm(flat, self.qweight, self.scales.reshape(-1).float())  # (B*T, out)
             y = y.reshape(*x.shape[:-1], self.out_features) + (0 if bias is None else bias)
         else:
-            y = F.linear(x, self.dequantized(x.dtype), bias)  # (B, T, out), weight dequantized on the fly
+            y = F.linear(x, self._weight_for(x.dtype), bias)  # (B, T, out): cached or dequantized on the fly
         return fake_quantize(y, self.out_spec)  # k_proj/v_proj: the quantized KV values
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.weight_spec.bits}, "
-            f"a_bits={min(self.act_spec.bits, 16)}, out_bits={min(self.out_spec.bits, 16)}"
+            f"a_bits={min(self.act_spec.bits, 16)}, out_bits={min(self.out_spec.bits, 16)}, "
+            f"cached={self.cached_weight is not None}"
         )
 
 
 class QuantizedEmbedding(_PackedWeight):
-    """Embedding table of integer rows: only the looked-up rows are unpacked and dequantized."""
+    """Embedding table of integer rows: only the looked-up rows are unpacked and dequantized.
+
+    After `cache_dequantized` the whole table is dequantized once and looked up like `nn.Embedding`
+    (dequantization is elementwise, so the rows are the same values).
+    """
 
     def __init__(self, shape, weight_spec, qweight, scales, zeros, padding_idx=None) -> None:
         super().__init__(shape, weight_spec, qweight, scales, zeros)
@@ -100,10 +139,13 @@ class QuantizedEmbedding(_PackedWeight):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized (V, H) table, for code that inspects embeddings (not used in forward)."""
-        return self.dequantized(self.out_dtype)
+        """The dequantized (V, H) table, for code that inspects embeddings (used in forward only when cached)."""
+        return self._weight_for(self.out_dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        cached = self.cached_weight
+        if cached is not None and cached.dtype == self.out_dtype:
+            return F.embedding(ids, cached)  # (B, T, H)
         rows = self.qweight[ids]  # (B, T, packed H)
         codes = unpack_codes(rows, self.weight_spec.bits, (*ids.shape, self.embedding_dim), self.weight_spec.symmetric)
         scales = self.scales.reshape(self.num_embeddings, 1)[ids].float()  # (B, T, 1): one scale per row
@@ -165,6 +207,7 @@ def load_exported(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     int8_kernel: bool = False,
+    weights: str = "packed",
 ) -> nn.Module:
     """Rebuild the exported student as a HF causal LM with integer weights.
 
@@ -174,6 +217,11 @@ def load_exported(
         dtype: compute dtype of activations and of the parameters kept in full precision.
         int8_kernel: use `torch._weight_int8pack_mm` (CPU, fp32) for symmetric per-row 8-bit weights instead
             of dequantizing; same math, different summation order (~1e-6 relative). Off by default.
+        weights: "packed" (default): keep only the integer codes and dequantize in every forward (memory at
+            the packed size, slow decode). "dequantized": also dequantize every quantized linear and
+            embedding once, after moving to `device`, into a `dtype` buffer (memory of the FP weights,
+            FP-model matmuls, logits identical to "packed"); a quantized lm_head that shares the
+            embedding's codes shares its dequantized table too. Layers on the int8 kernel are not cached.
 
     Returns:
         The model in eval mode, with `model.quant_config` (a `QuantConfig`, or None) and `model.export_meta`.
@@ -184,6 +232,8 @@ def load_exported(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
     path = Path(path)
     meta = read_export_meta(path)
     try:
@@ -256,4 +306,18 @@ def load_exported(
     qcfg = meta.get("quant_config")
     model.quant_config = QuantConfig(**qcfg) if qcfg else None
     model.export_meta = meta
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if weights == "dequantized":
+        _cache_weights(built, entries, dtype)
+    return model
+
+
+def _cache_weights(built: dict[str, _PackedWeight], entries: list, dtype: torch.dtype) -> None:
+    """Dequantize each packed module once (aliases reuse their source's table: same codes, same values)."""
+    for name, entry in entries:  # aliases come after their source
+        mod = built[name]
+        if not isinstance(mod, _PackedWeight) or getattr(mod, "use_int8_kernel", False):
+            continue
+        src = built.get(entry.get("alias", ""))
+        shared = src.cached_weight if src is not None and src.weight_spec == mod.weight_spec else None
+        mod.cache_dequantized(dtype, shared if shared is not None and shared.dtype == dtype else None)
