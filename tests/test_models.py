@@ -145,6 +145,29 @@ def test_save_converted_keeps_tied_weights_and_leaves_no_temp_dir(tmp_path):
     assert save_converted(model, ByteTokenizer(), target) == target and (target / "config.json").exists()
 
 
+def test_converted_cache_drops_the_gguf_quantization_config(tmp_path):
+    """A GGUF-loaded model's config says `quant_method: gguf`; the dequantized cache must not (else `.float()`
+    and `.to(dtype)` are refused), and caches written before this fix are repaired on first use."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from qat_lightning.models.smollm2 import convert_smollm2, smollm2_cache_dir
+
+    model = build_tiny_model(build_tiny_config(tie_word_embeddings=True), seed=2)
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    target = save_converted(model, ByteTokenizer(), smollm2_cache_dir(tmp_path))
+    assert "quantization_config" not in json.loads((target / "config.json").read_text())
+    assert model.config.quantization_config["quant_method"] == "gguf"  # the caller's model is untouched
+    AutoModelForCausalLM.from_pretrained(target).float()  # refused for a "quantized" model
+
+    stale = json.loads((target / "config.json").read_text())
+    stale["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    (target / "config.json").write_text(json.dumps(stale))
+    assert convert_smollm2(tmp_path) == target  # the cache exists: no conversion, only the repair
+    assert "quantization_config" not in json.loads((target / "config.json").read_text())
+
+
 def test_cache_dir_env_replaces_only_the_default(tmp_path, monkeypatch):
     monkeypatch.setenv("QAT_CACHE_DIR", str(tmp_path / "env"))
     assert resolve_cache_dir("~/.cache/qat_lightning") == tmp_path / "env"

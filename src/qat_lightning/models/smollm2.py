@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -65,7 +67,12 @@ def save_converted(model: nn.Module, tokenizer: Any, target: str | os.PathLike) 
     from transformers import AutoModelForCausalLM
 
     target = Path(target)
-    rebuilt = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    config = copy.deepcopy(model.config)
+    # the weights are saved dequantized: a GGUF `quantization_config` left in config.json would make
+    # transformers treat the cache as a quantized model (and refuse `.float()`/`.to(dtype)` on it)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rebuilt.load_state_dict(model.state_dict())
     rebuilt.tie_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -84,10 +91,22 @@ def save_converted(model: nn.Module, tokenizer: Any, target: str | os.PathLike) 
     return target
 
 
+def _drop_stale_quantization_config(config_json: Path) -> None:
+    """Caches written before the fix above kept the GGUF `quantization_config`: rewrite them without it."""
+    config = json.loads(config_json.read_text())
+    if "quantization_config" not in config:
+        return
+    del config["quantization_config"]
+    tmp = config_json.with_name(f"{config_json.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_json)
+
+
 def convert_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     """The converted model folder, converting the GGUF on first use only."""
     target = smollm2_cache_dir(cache_dir)
     if (target / "config.json").exists():
+        _drop_stale_quantization_config(target / "config.json")
         return target
     log.info("converting %s to %s (once, ~15 s)", GGUF_FILE, target)
     model, tokenizer = load_smollm2_gguf()
