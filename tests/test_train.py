@@ -143,3 +143,37 @@ def test_multirun_sweep_one_dir_and_results_per_job_even_with_ddp(tmp_path):
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists(), "duplicate sweep dirs"
     overrides = [(sweep / j / ".hydra" / "overrides.yaml").read_text() for j in jobs]
     assert "quant.w_bits=4" in overrides[0] and "quant.w_bits=8" in overrides[1]
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_adamw_kernels_take_the_same_step_as_the_per_tensor_loop(impl):
+    """`optim.implementation` only changes speed: one KD step lands on the loop implementation's weights."""
+    import copy
+
+    from qat_lightning.distill.config import LossConfig, OptimConfig
+    from qat_lightning.distill.module import DistillationModule
+    from qat_lightning.models.tiny import build_tiny_config, build_tiny_model
+    from qat_lightning.quant import QuantConfig, quantize_model
+
+    teacher = build_tiny_model(build_tiny_config(), seed=0).eval()
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    students = {}
+    for name in ("loop", impl):
+        student = quantize_model(copy.deepcopy(teacher), QuantConfig(w_bits=4, a_bits=8, kv_bits=4))
+        student.requires_grad_(True)  # the module froze the shared teacher the copy was made from
+        module = DistillationModule(teacher, student, LossConfig(), OptimConfig(lr=1e-3, implementation=name,
+                                                                                  scheduler="constant"))
+        opt = module.configure_optimizers()
+        assert opt.defaults["fused" if name == "fused" else "foreach"] is (name != "loop")
+        with torch.no_grad():
+            target = torch.log_softmax(teacher(ids).logits, -1)
+        for _ in range(2):
+            loss = -(target.exp() * torch.log_softmax(student(ids).logits, -1)).sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        students[name] = student
+    for (n, a), b in zip(students["loop"].named_parameters(), students[impl].parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="optim.implementation"):
+        OptimConfig(implementation="adam8bit")

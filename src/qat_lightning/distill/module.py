@@ -137,8 +137,15 @@ class DistillationModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.optim_cfg
         params = [p for p in self.student.parameters() if p.requires_grad]
+        impl = cfg.implementation
+        if impl == "auto":
+            # foreach where fused is not safe: FSDP2's DTensor shards, and AMP ("*-mixed"), whose grad clipping
+            # Lightning refuses for optimizers that unscale internally
+            precision = str(self._trainer.precision) if self._trainer is not None else ""
+            impl = "foreach" if self._device_mesh is not None or "mixed" in precision else "fused"
+        kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[impl]
         optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps, **kernel
         )
         if cfg.scheduler == "constant" and cfg.warmup_steps == 0:
             return optimizer
