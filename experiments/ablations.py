@@ -30,10 +30,11 @@ ABLATIONS: dict[str, list[str]] = {
     # the W4A8KV4 recipe on a 1024-sequence corpus: lr at a fixed 100 steps, then steps at the chosen lr
     "lr": ["generation.num_sequences=1024", "generation.batch_size=64", "trainer.max_steps=100",
            "optim.lr=1e-4,3e-4,1e-3"],
-    "steps": ["generation.num_sequences=1024", "generation.batch_size=64", "trainer.max_epochs=3",
+    "steps": ["generation.num_sequences=1024", "generation.batch_size=64", "optim.lr=3e-4", "trainer.max_epochs=3",
               "trainer.max_steps=100,300,700"],
-    "paper_table": ["quant=w4a8kv4,w4a8kv8,w4a6,w8a8kv4,w8a8kv8,w4",
-                    "evaluate.methods=[fp,rtn,smoothquant,gptq,awq,qat]"],
+    # the paper's W-A-KV grid x methods; run with --budget recipe
+    "paper_table": ["quant=w4a8kv4,w4a8kv8,w4a6,w4,w8a8kv4,w8a8kv8",
+                    "evaluate.methods=[fp,rtn,smoothquant,gptq,qat]"],
 }
 
 # the budget every ablation shares unless overridden (CPU-sized; documented in RESULTS.md)
@@ -63,10 +64,13 @@ def command(name: str, budget: str, extra: list[str]) -> list[str]:
     if budget not in BUDGETS:
         raise SystemExit(f"error: unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
     exp = [] if any(o.startswith("+exp=") for o in BUDGETS[budget]) else [f"+exp={BASE}"]
-    # an ablation (or an extra override) that sets a budget key replaces it: Hydra refuses a key given twice
-    chosen = {_key(o) for o in [*ABLATIONS[name], *extra]}
+    # later wins: extra overrides replace the ablation's and the budget's, the ablation's replace the budget's
+    # (Hydra refuses a key given twice)
+    extra_keys = {_key(o) for o in extra}
+    ablation = [o for o in ABLATIONS[name] if _key(o) not in extra_keys]
+    chosen = extra_keys | {_key(o) for o in ablation}
     base = [o for o in BUDGETS[budget] if _key(o) not in chosen]
-    return [sys.executable, "-m", "qat_lightning", "-m", *exp, *base, *ABLATIONS[name],
+    return [sys.executable, "-m", "qat_lightning", "-m", *exp, *base, *ablation,
             f"logger.group=ablation-{name}", f"logger.tags=[ablation:{name}]",
             f"hydra.sweep.dir={sweep_dir(name)}", *extra]
 
@@ -76,9 +80,11 @@ def main() -> None:
     ap.add_argument("action", choices=["list", "run", "table", "show"])
     ap.add_argument("name", nargs="?")
     ap.add_argument("--budget", default="demo")
-    ap.add_argument("--metric", default="evaluate/{method}/wikitext2_ppl")
-    ap.add_argument("extra", nargs="*", help="extra Hydra overrides (after --)")
-    args = ap.parse_args()
+    ap.add_argument("--metric", action="append", help="passed to collect.py (repeatable)")
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:split])
+    args.extra = argv[split + 1 :]  # extra Hydra overrides, after `--`
     if args.action == "list":
         for name, overrides in ABLATIONS.items():
             print(f"{name:12s} {' '.join(overrides)}")
@@ -96,8 +102,9 @@ def main() -> None:
         if rc != 0:
             print(f"warning: sweep exited with {rc}; failed jobs are listed in the table", file=sys.stderr)
     out = ROOT / "experiments" / "out" / args.name
+    metrics = [a for m in (args.metric or []) for a in ("--metric", m)]
     subprocess.check_call([sys.executable, str(ROOT / "experiments" / "collect.py"), str(sweep_dir(args.name)),
-                           "--metric", args.metric, "--out", str(out)], cwd=ROOT)
+                           *metrics, "--out", str(out)], cwd=ROOT)
 
 
 if __name__ == "__main__":

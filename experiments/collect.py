@@ -24,13 +24,26 @@ def find_runs(roots: list[Path]) -> list[Path]:
     return list(dict.fromkeys(runs))
 
 
+ORDER = ["fp", "rtn", "smoothquant", "gptq", "awq", "qat"]  # columns: teacher, baselines, then the student
+
+
+def _overrides(run: Path) -> list[str]:
+    path = run / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return []
+    items = [line.strip()[2:] for line in path.read_text().splitlines() if line.strip().startswith("- ")]
+    return [i for i in items if not i.startswith(("hydra.", "paths.", "+exp=", "logger."))]
+
+
+def run_labels(runs: list[Path]) -> dict[Path, str]:
+    """Each run labelled by the overrides that differ between the runs (all of them for a single run)."""
+    items = {run: _overrides(run) for run in runs}
+    common = set.intersection(*(set(v) for v in items.values())) if len(runs) > 1 else set()
+    return {run: " ".join(i for i in v if i not in common) or run.name for run, v in items.items()}
+
+
 def run_label(run: Path) -> str:
-    overrides = run / ".hydra" / "overrides.yaml"
-    if not overrides.exists():
-        return run.name
-    items = [line.strip()[2:] for line in overrides.read_text().splitlines() if line.strip().startswith("- ")]
-    items = [i for i in items if not i.startswith(("hydra.", "paths.", "+exp="))]
-    return " ".join(items) or run.name
+    return run_labels([run])[run]
 
 
 def collect(runs: list[Path], metric: str) -> tuple[list[str], dict[str, dict[str, float | None]], list[str]]:
@@ -39,8 +52,9 @@ def collect(runs: list[Path], metric: str) -> tuple[list[str], dict[str, dict[st
     methods: list[str] = []
     failed: list[str] = []
     prefix, _, suffix = metric.partition("{method}")
+    labels = run_labels(runs) if runs else {}
     for run in runs:
-        label = run_label(run)
+        label = labels[run]
         path = run / "results.json"
         if not path.exists():
             failed.append(f"{label} ({run}): no results.json (failed or unfinished)")
@@ -58,6 +72,7 @@ def collect(runs: list[Path], metric: str) -> tuple[list[str], dict[str, dict[st
                 if value is None:
                     failed.append(f"{label}: {key} is null (diverged)")
         table[label] = row
+    methods.sort(key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
     return methods, table, failed
 
 
@@ -107,23 +122,28 @@ def plot(methods: list[str], table: dict[str, dict[str, float | None]], metric: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path)
-    ap.add_argument("--metric", default="evaluate/{method}/wikitext2_ppl")
+    ap.add_argument("--metric", action="append", help="repeatable; default evaluate/{method}/wikitext2_ppl "
+                    "and evaluate/{method}/kl; the plot shows the first")
     ap.add_argument("--out", type=Path, default=None, help="write <out>.md and <out>.png")
     args = ap.parse_args()
-    if "{method}" not in args.metric:
-        raise SystemExit("error: --metric must contain {method}, e.g. evaluate/{method}/kl")
+    metrics = args.metric or ["evaluate/{method}/wikitext2_ppl", "evaluate/{method}/kl"]
+    for metric in metrics:
+        if "{method}" not in metric:
+            raise SystemExit(f"error: --metric must contain {{method}}, e.g. evaluate/{{method}}/kl (got {metric!r})")
     runs = find_runs(args.dirs)
     if not runs:
         raise SystemExit(f"error: no runs found under {', '.join(map(str, args.dirs))}")
-    methods, table, failed = collect(runs, args.metric)
-    text = markdown(methods, table, args.metric)
+    tables = [(metric, *collect(runs, metric)) for metric in metrics]
+    text = "\n\n".join(markdown(methods, table, metric) for metric, methods, table, _ in tables)
+    failed = list(dict.fromkeys(f for *_, fails in tables for f in fails))
     if failed:
         text += "\n\nFailed or diverged runs:\n" + "\n".join(f"- {f}" for f in failed)
     print(text)
     if args.out:
+        metric, methods, table, _ = tables[0]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".md").write_text(text + "\n")
-        plot(methods, table, args.metric, args.out.with_suffix(".png"))
+        plot(methods, table, metric, args.out.with_suffix(".png"))
         print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")
 
 

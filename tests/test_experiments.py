@@ -25,14 +25,15 @@ def _fake_run(root, name, overrides, results):
 def test_collect_builds_table_and_plot_and_lists_failed_runs(tmp_path):
     sweep = tmp_path / "sweep"
     ppl = "evaluate/{}/wikitext2_ppl".format
-    _fake_run(sweep, "0", ["quant=w4a8kv4"], {ppl("fp"): 20.0, ppl("rtn"): 40.0, ppl("qat"): 25.0})
-    _fake_run(sweep, "1", ["quant=w8a8kv8"], {ppl("fp"): 20.0, ppl("rtn"): None, ppl("qat"): 21.0})
-    _fake_run(sweep, "2", ["+exp=smollm2_w4a8kv4", "quant=w2"], None)
+    _fake_run(sweep, "0", ["quant=w4a8kv4", "optim.lr=3e-4"], {ppl("fp"): 20.0, ppl("rtn"): 40.0, ppl("qat"): 25.0})
+    _fake_run(sweep, "1", ["optim.lr=3e-4", "quant=w8a8kv8"], {ppl("fp"): 20.0, ppl("rtn"): None, ppl("qat"): 21.0})
+    _fake_run(sweep, "2", ["+exp=smollm2_w4a8kv4", "quant=w2", "optim.lr=3e-4"], None)
     out = tmp_path / "out" / "table"
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "collect.py"), str(sweep), "--out", str(out)],
                           capture_output=True, text=True, check=True)
     text = out.with_suffix(".md").read_text()
-    assert "| quant=w4a8kv4 | 20 | 40 | 25 | 75.0 % |" in text  # recovery (40 - 25) / (40 - 20)
+    # rows are labelled by what differs between runs (the shared lr is dropped); recovery (40 - 25) / (40 - 20)
+    assert "| quant=w4a8kv4 | 20 | 40 | 25 | 75.0 % |" in text
     assert "| quant=w8a8kv8 | 20 | - | 21 | - |" in text
     assert "quant=w2" in text and "no results.json" in text  # failed runs are recorded, not dropped
     assert "diverged" in text
@@ -57,3 +58,6 @@ def test_ablation_overrides_replace_the_budget_keys_they_set():
     assert sizes == ["generation.num_sequences=64,128,256,512"]
     assert [o for o in cmd if o.startswith("trainer.max_epochs=")] == ["trainer.max_epochs=2"]
     assert "evaluate.seq_len=512" in cmd  # untouched budget keys stay
+    cmd = ablations.command("steps", "recipe", ["trainer.max_steps=300"])
+    assert [o for o in cmd if o.startswith("trainer.max_steps=")] == ["trainer.max_steps=300"]
+    assert [o for o in cmd if o.startswith("optim.lr=")] == ["optim.lr=3e-4"]
