@@ -28,7 +28,7 @@ def test_default_config_is_the_embedded_experiment():
 def test_every_experiment_composes_and_validates(exp):
     cfg = validate_config(compose([f"+exp={exp}", "paths.root_dir=/tmp/x", "paths.output_dir=/tmp/x/run"]))
     assert cfg.name == exp
-    setting = exp.split("_", 1)[1].upper()
+    setting = exp.split("_")[1].upper()  # smollm2_w4a8kv4_recipe -> W4A8KV4
     # the name states exactly what is quantized: w4a4 keeps KV at 16, w4 keeps A and KV at 16
     bits = {"W": cfg.quant.w_bits, "A": cfg.quant.a_bits, "KV": cfg.quant.kv_bits}
     for key in ("KV", "A", "W"):
