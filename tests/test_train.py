@@ -177,3 +177,27 @@ def test_adamw_kernels_take_the_same_step_as_the_per_tensor_loop(impl):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
     with pytest.raises(ValueError, match="optim.implementation"):
         OptimConfig(implementation="adam8bit")
+
+
+def test_exported_model_is_scored_by_the_same_harness(tmp_path):
+    """`evaluate.methods=[qat,export]`: the integer model reloaded from disk scores like the student it came from
+    (identically with fp32 storage), so deployment numbers sit beside the training ones."""
+    results, _ = _in_process(["stages=[generate,train,export,evaluate]", "evaluate.methods=[qat,export]",
+                              "export.scale_dtype=float32", "export.fp_dtype=float32", "evaluate.kl_batches=2"],
+                             tmp_path)
+    assert results["evaluate/export/kl"] > 0
+    assert results["evaluate/export/kl"] == pytest.approx(results["evaluate/qat/kl"], rel=1e-5, abs=1e-7)
+    assert results["evaluate/export/top1_agreement"] == results["evaluate/qat/top1_agreement"]
+
+
+@pytest.mark.parametrize("stages, message", [
+    ("[generate,train,evaluate,export]", "export stage runs after evaluate"),
+    ("[generate,train,evaluate]", "nothing is exported"),
+])
+def test_scoring_an_export_that_is_not_there_yet_is_refused_up_front(tmp_path, stages, message):
+    from conftest import compose
+    from qat_lightning.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose(["+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), f"stages={stages}",
+                                 "evaluate.methods=[qat,export]"]))

@@ -130,7 +130,20 @@ def validate_config(cfg: DictConfig | dict) -> RunConfig:
     for name, value in values.items():
         if name not in _plain():
             setattr(top, name, value)
+    _check_across_sections(top)
     return top
+
+
+def _check_across_sections(cfg: RunConfig) -> None:
+    """Checks that need several sections at once (each section validates itself)."""
+    if "export" in cfg.evaluate.methods and "evaluate" in cfg.stages:
+        # the exported integer model is scored from disk: something must have written it before evaluate
+        if "export" in cfg.stages and cfg.stages.index("export") > cfg.stages.index("evaluate"):
+            raise ConfigError("evaluate.methods has 'export' but the export stage runs after evaluate: "
+                              "list it first, e.g. stages=[generate,train,export,evaluate]")
+        if "export" not in cfg.stages and not cfg.export.out_dir:
+            raise ConfigError("evaluate.methods has 'export' but nothing is exported: add 'export' before "
+                              "'evaluate' in stages, or set export.out_dir=<an export folder>")
 
 
 def _plain() -> set[str]:

@@ -173,9 +173,18 @@ def load_student(ctx: RunContext, path: str | os.PathLike) -> nn.Module:
     return load_saved_student(teacher, path)
 
 
+def _export_dir(ctx: RunContext) -> Path:
+    return Path(ctx.cfg.export.out_dir) if ctx.cfg.export.out_dir else ctx.run_dir / "export"
+
+
 def _method_model(ctx: RunContext, method: str, calib: list[dict]) -> nn.Module:
     cfg = ctx.cfg
     teacher, _ = ctx.teacher()
+    if method == "export":  # what a user deploys: integer codes from disk, scored like everything else
+        from qat_lightning.export import load_exported
+
+        param = next(teacher.parameters())
+        return load_exported(_export_dir(ctx), device=param.device, dtype=param.dtype, weights="dequantized")
     if method == "qat":
         if ctx.student is not None:
             return ctx.student
@@ -237,7 +246,7 @@ def stage_export(ctx: RunContext) -> None:
     cfg = ctx.cfg
     student = _method_model(ctx, "qat", [])
     _, tokenizer = ctx.teacher()
-    out = Path(cfg.export.out_dir) if cfg.export.out_dir else ctx.run_dir / "export"
+    out = _export_dir(ctx)
     stats = export_student(
         student, out, tokenizer=tokenizer, extra_meta={"experiment": cfg.name},
         scale_dtype=cfg.export.scale_dtype, fp_dtype=cfg.export.fp_dtype,

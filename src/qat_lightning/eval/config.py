@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 TASKS = ("wikitext2", "c4", "hellaswag", "kl")
-METHODS = ("fp", "rtn", "smoothquant", "gptq", "awq", "qat")
+# "export": the exported integer model reloaded from disk (export.out_dir or <run dir>/export)
+METHODS = ("fp", "rtn", "smoothquant", "gptq", "awq", "qat", "export")
 
 
 @dataclass
