@@ -47,7 +47,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     total_steps: int | None = None  # None: trainer.max_steps, else estimated from the data
     # AdamW kernel: "fused" (one kernel over all tensors; faster than the per-tensor loop torch uses by
-    # default on CPU: 0.68 -> 0.10 s per AdamW.step on SmolLM2's shapes in a one-off 1-thread check), "foreach", "loop", or "auto" (fused, foreach for sharded DTensor params)
+    # default on CPU: 0.68 -> 0.10 s per AdamW.step on SmolLM2's shapes in a one-off 1-thread check),
+    # "foreach", "loop", or "auto" (fused; foreach for sharded DTensor params and AMP)
     implementation: str = "auto"
 
     def __post_init__(self) -> None:
