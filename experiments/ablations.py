@@ -1,7 +1,7 @@
 """The paper's ablations as single commands: each is a Hydra multirun over one config-group choice.
 
     python experiments/ablations.py list
-    python experiments/ablations.py run data_source [--budget demo] [-- extra overrides]
+    python experiments/ablations.py run data_source [--budget short] [-- extra overrides]
     python experiments/ablations.py table data_source        # markdown + PNG from the finished sweep
 
 Every run logs to W&B (offline unless `logger.offline=false`) with group = the ablation name and tags for the
@@ -22,11 +22,12 @@ BASE = "smollm2_w4a8kv4"
 # name -> the multirun overrides that make the ablation
 ABLATIONS: dict[str, list[str]] = {
     "data_source": ["+ablation=data_gen_hybrid,data_gen_top1,data_gen_sample,data_text,data_mixed"],
-    "k_top1": ["generation.k_choices=[0],[1],[3],[5],[3,4,5]"],
+    "k_top1": ["generation.k_choices=[3,4,5],[0],[1],[3],[5]"],
     "loss": ["loss=logits,label,hidden,attention,logits_hidden,logits_label"],
     "quantizer": ["quant=w4a8kv4,clip,lsq,asym,group64,kv_head"],
+    "init": ["init=teacher,smoothquant"],
     "bits": ["quant=w4a8kv4,w4a8kv8,w4a6,w8a8kv4,w8a8kv8,w4,w2"],
-    "corpus_size": ["generation.num_sequences=64,128,256,512"],
+    "corpus_size": ["generation.num_sequences=64,128,256,1024"],
     # the W4A8KV4 recipe on a 1024-sequence corpus: lr at a fixed 100 steps, then steps at the chosen lr
     "lr": ["generation.num_sequences=1024", "generation.batch_size=64", "trainer.max_steps=100",
            "optim.lr=1e-4,3e-4,1e-3"],
@@ -45,6 +46,12 @@ BUDGETS: dict[str, list[str]] = {
     "recipe": ["generation.num_sequences=1024", "generation.batch_size=64", "generation.max_length=128",
                "trainer.max_epochs=1", "trainer.max_steps=100", "optim.lr=3e-4",
                "evaluate.tasks=[kl,wikitext2]", "evaluate.seq_len=512", "evaluate.max_windows=16"],
+    # the ablation budget: every sweep shares its base run (memo) and its baseline scores (evaluate.cache);
+    # KL on one fixed held-out set (the hybrid corpus) so runs trained on different data compare
+    "short": ["generation.num_sequences=256", "generation.batch_size=64", "generation.max_length=128",
+              "trainer.max_epochs=100", "trainer.max_steps=50", "optim.lr=3e-4",
+              "evaluate.tasks=[kl,wikitext2]", "evaluate.seq_len=512", "evaluate.max_windows=16",
+              "evaluate.kl_data=hybrid", "evaluate.cache=true", "memo=true"],
     "tiny": ["+exp=tiny_w4a8kv4"],
 }
 
@@ -75,11 +82,25 @@ def command(name: str, budget: str, extra: list[str]) -> list[str]:
             f"hydra.sweep.dir={sweep_dir(name)}", *extra]
 
 
+def _check_budget(sweep: Path, budget: str, extra: list[str]) -> None:
+    """One sweep dir holds one budget: refuse to mix runs of another budget into its table."""
+    stamp = sweep / "budget.txt"
+    wanted = " ".join([budget, *extra])
+    if stamp.exists():
+        had = stamp.read_text().strip()
+        if had.split(" ")[0] != budget:
+            raise SystemExit(f"error: {sweep} holds runs of budget {had.split(' ')[0]!r}, not {budget!r}: "
+                             "move it away first (tables would mix budgets)")
+        return
+    sweep.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(wanted + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("action", choices=["list", "run", "table", "show"])
     ap.add_argument("name", nargs="?")
-    ap.add_argument("--budget", default="demo")
+    ap.add_argument("--budget", default="short", choices=list(BUDGETS))
     ap.add_argument("--metric", action="append", help="passed to collect.py (repeatable)")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -96,6 +117,7 @@ def main() -> None:
         print(" ".join(cmd))
         return
     if args.action == "run":
+        _check_budget(sweep_dir(args.name), args.budget, args.extra)
         print(" ".join(cmd), flush=True)
         # a failed job is recorded by its missing/null results; the sweep goes on
         rc = subprocess.call(cmd, cwd=ROOT)

@@ -251,3 +251,26 @@ def test_hf_dataset_without_datasets_is_a_clear_error(monkeypatch):
     dm = TextCorpusDataModule(CharTokenizer(), DataConfig(source="text", hf_dataset="wikitext:wikitext-2-raw-v1"))
     with pytest.raises(ImportError, match="needs the `datasets` package"):
         dm.setup("fit")
+
+
+def test_generated_datamodule_trains_on_the_corpus_size_asked_for(tmp_path):
+    # a corpus folder grows to the largest size ever asked of it; a smaller run keeps its own first n sequences
+    docs = generated_docs(40)
+    fake_corpus(tmp_path / "corpus", docs)
+    cfg = DataConfig(block_size=8, batch_size=1, val_fraction=0.0)
+    small = build_datamodule(cfg, None, generated_path=tmp_path / "corpus", num_sequences=16)
+    assert small.split()[0] == docs[:16]
+    full = build_datamodule(cfg, None, generated_path=tmp_path / "corpus")
+    full.setup("fit")
+    assert full.num_train_documents == 40
+
+
+def test_text_offset_skips_the_leading_documents(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("aaaa\nbbbb\ncccc\ndddd\n")
+    cfg = DataConfig(source="text", text_path=str(path), block_size=4, batch_size=1, text_offset_tokens=5)
+    docs = TextCorpusDataModule(CharTokenizer(), cfg).documents()
+    # 4 + 4 tokens reach the offset of 5: the first two lines are skipped, whole
+    assert docs == [[3 + 2] * 4, [3 + 3] * 4]
+    with pytest.raises(ValueError, match="text_offset_tokens"):
+        DataConfig(text_offset_tokens=-1)

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "experiments"))
@@ -55,9 +57,39 @@ def test_ablation_overrides_replace_the_budget_keys_they_set():
     """Hydra refuses a key given twice, so the ablation's own value must win over the shared budget's."""
     cmd = ablations.command("corpus_size", "demo", ["trainer.max_epochs=2"])
     sizes = [o for o in cmd if o.startswith("generation.num_sequences=")]
-    assert sizes == ["generation.num_sequences=64,128,256,512"]
+    assert sizes == ["generation.num_sequences=64,128,256,1024"]
     assert [o for o in cmd if o.startswith("trainer.max_epochs=")] == ["trainer.max_epochs=2"]
     assert "evaluate.seq_len=512" in cmd  # untouched budget keys stay
     cmd = ablations.command("steps", "recipe", ["trainer.max_steps=300"])
     assert [o for o in cmd if o.startswith("trainer.max_steps=")] == ["trainer.max_steps=300"]
     assert [o for o in cmd if o.startswith("optim.lr=")] == ["optim.lr=3e-4"]
+
+
+def _sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper makes of a multirun command line."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+@pytest.mark.parametrize("name", sorted(ablations.ABLATIONS))
+def test_every_job_of_every_ablation_composes_and_validates_under_the_short_budget(name, tmp_path, monkeypatch):
+    from conftest import SHARED_DATA, compose
+    from qat_lightning.config import validate_config
+
+    monkeypatch.setenv("QAT_DATA_DIR", str(SHARED_DATA))
+    cmd = ablations.command(name, "short", [])
+    overrides = [o for o in cmd[4:] if not o.startswith("hydra.")]
+    jobs = _sweep_jobs(overrides)
+    assert len(jobs) >= 2
+    for job in jobs:
+        validate_config(compose([*job, f"paths.root_dir={tmp_path}"]))
+
+
+def test_a_sweep_dir_holds_one_budget(tmp_path):
+    ablations._check_budget(tmp_path / "loss", "short", [])
+    ablations._check_budget(tmp_path / "loss", "short", ["optim.lr=1e-4"])  # same budget: fine
+    with pytest.raises(SystemExit, match="budget 'short'"):
+        ablations._check_budget(tmp_path / "loss", "recipe", [])

@@ -77,6 +77,10 @@ def run(cfg: DictConfig) -> None:
     env_before = {var: os.environ.get(var) for var in _LAUNCHER_VARS}
     _export_job_for_children()
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    memo_key = _memo_key(run_cfg, resolved)
+    if memo_key is not None and _replay_memo(run_cfg, memo_key, run_dir):
+        _end_job(env_before)
+        return
     ctx = RunContext(run_cfg, run_dir, resolved_cfg=resolved)
     try:
         run_stages(ctx)
@@ -90,7 +94,32 @@ def run(cfg: DictConfig) -> None:
     finally:
         _end_job(env_before)
     if ctx.results is not None:
+        if memo_key is not None:
+            from qat_lightning import run_memo
+
+            run_memo.store(run_cfg.paths.data_dir, memo_key, run_dir, ctx.results.values)
         log.info("results: %s", ctx.results.path)
+
+
+def _memo_key(run_cfg, resolved: dict) -> str | None:
+    """The run's memo key when `memo=true` (rank 0 only: other ranks always train)."""
+    if not run_cfg.memo or int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        return None
+    from qat_lightning import run_memo
+
+    return run_memo.memo_key(resolved)
+
+
+def _replay_memo(run_cfg, key: str, run_dir: str) -> bool:
+    """Copy the results of an identical finished run into this run's dir; False when there is none."""
+    from qat_lightning import run_memo
+
+    entry = run_memo.lookup(run_cfg.paths.data_dir, key)
+    if entry is None:
+        return False
+    path = run_memo.replay(entry, run_dir)
+    log.info("memo: identical to the finished run %s; its results copied to %s (nothing rerun)", entry["run_dir"], path)
+    return True
 
 
 def main() -> None:

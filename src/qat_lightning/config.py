@@ -8,6 +8,7 @@ value becomes one `ConfigError` line naming the key, and `__main__` exits with c
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -56,6 +57,9 @@ class RunConfig:
     init: str = "teacher"  # teacher | smoothquant: QAT initialised from a SmoothQuant-smoothed model
     smoothquant_alpha: float = 0.5
     calib_batches: int = 8
+    # reuse the results of an identical finished run (same resolved config but logger/paths/name) instead of
+    # running it again: sweeps that share a baseline run train it once (run_memo.py)
+    memo: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -144,6 +148,35 @@ def _check_across_sections(cfg: RunConfig) -> None:
         if "export" not in cfg.stages and not cfg.export.out_dir:
             raise ConfigError("evaluate.methods has 'export' but nothing is exported: add 'export' before "
                               "'evaluate' in stages, or set export.out_dir=<an export folder>")
+
+
+    _check_no_eval_leak(cfg)
+
+
+def _check_no_eval_leak(cfg: RunConfig) -> None:
+    """Training on the text that perplexity is measured on would score the student on its own training data."""
+    import os
+
+    from qat_lightning.eval.sources import resolve_path
+
+    if cfg.data.source not in ("text", "mixed") or not cfg.data.text_path or "evaluate" not in cfg.stages:
+        return
+    if "wikitext2" not in cfg.evaluate.tasks:
+        return
+    train_file = Path(cfg.data.text_path).expanduser()
+    try:
+        eval_file = resolve_path("wikitext2", cfg.evaluate.wikitext2_path)
+    except FileNotFoundError:
+        return  # reported by the evaluate stage with its own message
+    if eval_file is None or not train_file.is_file() or not os.path.samefile(train_file, eval_file):
+        return
+    windows = cfg.evaluate.max_windows
+    evaluated = None if windows is None else cfg.evaluate.seq_len * windows
+    if evaluated is None or cfg.data.text_offset_tokens < evaluated:
+        need = "all of it is evaluated (evaluate.max_windows=null)" if evaluated is None else (
+            f"set data.text_offset_tokens >= {evaluated} (seq_len x max_windows)")
+        raise ConfigError(f"data.text_path is the WikiText-2 file that evaluate scores: training would see the "
+                          f"evaluated text; {need}, or train on other text")
 
 
 def _plain() -> set[str]:

@@ -141,7 +141,7 @@ def build_data(ctx: RunContext):
         if ctx.corpus_path is None:
             stage_generate(ctx)
         generated = ctx.corpus_path
-    dm = build_datamodule(cfg.data, tokenizer, generated_path=generated)
+    dm = build_datamodule(cfg.data, tokenizer, generated_path=generated, num_sequences=cfg.generation.num_sequences)
     return dm
 
 
@@ -209,13 +209,17 @@ def stage_evaluate(ctx: RunContext) -> dict[str, dict[str, float]]:
     heldout, calib = None, []
     if needs_data:
         dm = build_data(ctx)
-        heldout = sample_batches(dm, "val", cfg.evaluate.kl_batches) if "kl" in cfg.evaluate.tasks else None
+        if "kl" in cfg.evaluate.tasks:
+            kl_dm = dm if cfg.evaluate.kl_data == "own" else _reference_corpus_data(ctx)
+            heldout = sample_batches(kl_dm, "val", cfg.evaluate.kl_batches)
         calib = sample_batches(dm, "train", cfg.calib_batches)
     table: dict[str, dict[str, float]] = {}
     for method in cfg.evaluate.methods:
-        model = _method_model(ctx, method, calib)
-        model.eval()
-        metrics = evaluate_model(model, tokenizer, cfg.evaluate, teacher=teacher, heldout_batches=heldout)
+        metrics = _cached_scores(ctx, method, calib, heldout)
+        if metrics is None:
+            model = _method_model(ctx, method, calib)
+            model.eval()
+            metrics = evaluate_model(model, tokenizer, cfg.evaluate, teacher=teacher, heldout_batches=heldout)
         table[method] = metrics
         ctx.record("evaluate", method, metrics)
         log.info("evaluate %s: %s", method, metrics)
@@ -224,6 +228,84 @@ def stage_evaluate(ctx: RunContext) -> dict[str, dict[str, float]]:
     if ctx.rank == 0:
         (ctx.run_dir / "results.md").write_text(text + "\n")
     return table
+
+
+def _reference_corpus_data(ctx: RunContext):
+    """The paper's hybrid corpus (k in {3,4,5}) of this run's size and generation settings, as a DataModule.
+
+    Why: runs trained on different data (the data-source and k ablations) hold out different blocks; KL on
+    one fixed held-out set (`evaluate.kl_data=hybrid`) makes their KL comparable. Generated if missing.
+    """
+    from dataclasses import replace
+
+    from qat_lightning.data import build_datamodule, corpus_is_complete, generate_corpus
+
+    cfg = ctx.cfg
+    gen = replace(cfg.generation, strategy="hybrid", k_choices=[3, 4, 5], out_dir=None)
+    ref = replace(cfg, generation=gen)
+    path = corpus_dir(ref)
+    if not corpus_is_complete(path, gen):
+        teacher, tokenizer = ctx.teacher()
+        generate_corpus(teacher, tokenizer, gen, path, model_name=cfg.model.name)
+    _, tokenizer = ctx.teacher()
+    data = replace(cfg.data, source="generated")
+    return build_datamodule(data, tokenizer, generated_path=path, num_sequences=gen.num_sequences)
+
+
+def _task_parts(cfg: RunConfig, task: str, heldout: list[dict] | None) -> dict:
+    """What a task's score depends on besides the model (see eval/cache.py)."""
+    from qat_lightning.eval.cache import batches_digest, file_identity
+    from qat_lightning.eval.sources import resolve_path
+
+    ev = cfg.evaluate
+    if task == "kl":
+        return {"task": task, "kl_batches": ev.kl_batches, "heldout": batches_digest(heldout)}
+    if task == "hellaswag":
+        return {"task": task, "limit": ev.hellaswag_limit, "batch_size": ev.batch_size,
+                "file": file_identity(resolve_path("hellaswag", ev.hellaswag_path))}
+    path = ev.text_path if task == "text" else resolve_path(task, getattr(ev, f"{task}_path"))
+    return {"task": task, "seq_len": ev.seq_len, "max_windows": ev.max_windows, "batch_size": ev.batch_size,
+            "file": file_identity(path) or "hf-datasets"}
+
+
+def _cached_scores(ctx: RunContext, method: str, calib: list[dict], heldout: list[dict] | None) -> dict | None:
+    """Scores of a training-free method from `evaluate.cache`, computing (and storing) the missing tasks.
+
+    None when the method is not cached (QAT, export, lm-eval tasks, or the cache is off).
+    """
+    from dataclasses import replace
+
+    from qat_lightning.eval import evaluate_model
+    from qat_lightning.eval.cache import CACHEABLE_METHODS, EvalCache, batches_digest
+
+    cfg = ctx.cfg
+    if not cfg.evaluate.cache or method not in CACHEABLE_METHODS or cfg.evaluate.lm_eval_tasks:
+        return None
+    cache = EvalCache(Path(cfg.paths.data_dir) / "eval_cache")
+    model_cfg = {k: v for k, v in asdict(cfg.model).items() if k != "cache_dir"}
+    base = {"method": method, "model": model_cfg}
+    if method != "fp":
+        base["quant"] = asdict(cfg.quant)
+    if method in ("smoothquant", "gptq", "awq"):
+        base.update(calib=batches_digest(calib), alpha=cfg.smoothquant_alpha)
+    teacher, tokenizer = ctx.teacher()
+    model = None
+    metrics: dict[str, float] = {}
+    for task in cfg.evaluate.tasks:
+        parts = {**base, **_task_parts(cfg, task, heldout)}
+        hit = cache.get(parts)
+        if hit is None:
+            if model is None:
+                model = _method_model(ctx, method, calib)
+                model.eval()
+            one_task = replace(cfg.evaluate, tasks=[task], lm_eval_tasks=[])
+            hit = evaluate_model(model, tokenizer, one_task, teacher=teacher, heldout_batches=heldout)
+            if hit:  # an empty result (kl without held-out data) is not a score
+                cache.put(parts, hit)
+        else:
+            log.info("evaluate %s/%s: cached", method, task)
+        metrics.update(hit)
+    return metrics
 
 
 def format_table(table: dict[str, dict[str, float]], title: str = "") -> str:

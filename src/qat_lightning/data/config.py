@@ -110,6 +110,7 @@ class DataConfig:
     hf_data_files: str | None = None
     mix_ratio: float = 0.5
     max_text_tokens: int | None = None
+    text_offset_tokens: int = 0  # skip the leading documents holding this many tokens (e.g. evaluated windows)
     num_workers: int = 0
     seed: int = 0
 
@@ -126,6 +127,8 @@ class DataConfig:
             raise ValueError(f"data.mix_ratio must be in [0, 1]; got {self.mix_ratio}")
         if self.max_text_tokens is not None and self.max_text_tokens < 1:
             raise ValueError(f"data.max_text_tokens must be >= 1 or null; got {self.max_text_tokens}")
+        if self.text_offset_tokens < 0:
+            raise ValueError(f"data.text_offset_tokens must be >= 0; got {self.text_offset_tokens}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0; got {self.num_workers}")
         if self.hf_dataset is not None:

@@ -117,6 +117,21 @@ def _hf_texts(spec: str, data_files: str | None = None) -> Iterable[str]:
         yield from text_documents(text)
 
 
+def skip_tokens(tokenizer, texts: Iterable[str], offset: int) -> Iterable[str]:
+    """The texts after the leading whole documents that hold `offset` tokens.
+
+    Why: the only real text offline is WikiText-2 *test*, which is also the perplexity benchmark; training on
+    it must skip the evaluated windows (the first seq_len x max_windows tokens) or it would score its own
+    training text.
+    """
+    seen = 0
+    for text in texts:
+        if seen >= offset:
+            yield text
+        else:
+            seen += len(_encode(tokenizer, [text])[0])
+
+
 def take_tokens(documents: Sequence[list[int]], budget: int) -> Documents:
     """The leading documents holding `budget` tokens (the last one cut)."""
     out: Documents = []
@@ -237,17 +252,23 @@ class _BlockDataModule(L.LightningDataModule):
 class GeneratedDataModule(_BlockDataModule):
     """The teacher's own corpus (`generate_corpus`), the paper's data-free setting.
 
-    `eos_token_id` defaults to the one recorded in the corpus's meta.json.
+    `eos_token_id` defaults to the one recorded in the corpus's meta.json. `num_sequences` keeps the first n
+    sequences: a corpus folder grows to the largest size ever asked of it, and a smaller run must still
+    train on exactly the size it asked for (the corpus-size ablation). None: all of them.
     """
 
-    def __init__(self, path: str | Path, cfg: DataConfig, eos_token_id: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, cfg: DataConfig, eos_token_id: int | None = None, num_sequences: int | None = None
+    ) -> None:
         self.path = Path(path)
+        self.num_sequences = num_sequences
         if eos_token_id is None:
             eos_token_id = (read_meta(self.path) or {}).get("eos_token_id")
         super().__init__(cfg, eos_token_id)
 
     def split(self) -> tuple[Documents, Documents]:
-        return split_documents(load_generated(self.path), self.cfg.val_fraction, self.cfg.seed)
+        documents = load_generated(self.path, self.num_sequences)
+        return split_documents(documents, self.cfg.val_fraction, self.cfg.seed)
 
 
 class TextCorpusDataModule(_BlockDataModule):
@@ -266,6 +287,8 @@ class TextCorpusDataModule(_BlockDataModule):
             texts: Iterable[str] = text_documents(Path(self.cfg.text_path).expanduser().read_text(encoding="utf-8"))
         else:
             texts = _hf_texts(self.cfg.hf_dataset, self.cfg.hf_data_files)
+        if self.cfg.text_offset_tokens:
+            texts = skip_tokens(self.tokenizer, texts, self.cfg.text_offset_tokens)
         docs = encode_texts(self.tokenizer, texts, self.cfg.max_text_tokens)
         if not docs:
             raise ValueError(f"no text found in {self.cfg.text_path or self.cfg.hf_dataset}")
@@ -281,8 +304,8 @@ class MixedDataModule(_BlockDataModule):
     Each source is split by document first, then train and validation are mixed separately.
     """
 
-    def __init__(self, path: str | Path, tokenizer, cfg: DataConfig) -> None:
-        self.generated = GeneratedDataModule(path, cfg, getattr(tokenizer, "eos_token_id", None))
+    def __init__(self, path: str | Path, tokenizer, cfg: DataConfig, num_sequences: int | None = None) -> None:
+        self.generated = GeneratedDataModule(path, cfg, getattr(tokenizer, "eos_token_id", None), num_sequences)
         self.text = TextCorpusDataModule(tokenizer, cfg)
         super().__init__(cfg, self.text.eos_token_id)
         self.text_token_fraction = float("nan")
@@ -296,12 +319,15 @@ class MixedDataModule(_BlockDataModule):
         return train, val
 
 
-def build_datamodule(cfg: DataConfig, tokenizer, generated_path: str | Path | None = None) -> L.LightningDataModule:
-    """The DataModule for `cfg.source` (`generated` and `mixed` need the corpus folder)."""
+def build_datamodule(
+    cfg: DataConfig, tokenizer, generated_path: str | Path | None = None, num_sequences: int | None = None
+) -> L.LightningDataModule:
+    """The DataModule for `cfg.source` (`generated` and `mixed` need the corpus folder, of which the first
+    `num_sequences` are used)."""
     if cfg.source in ("generated", "mixed") and generated_path is None:
         raise ValueError(f"data.source={cfg.source!r} needs the generated corpus folder (run the generate stage)")
     if cfg.source == "generated":
-        return GeneratedDataModule(generated_path, cfg, getattr(tokenizer, "eos_token_id", None))
+        return GeneratedDataModule(generated_path, cfg, getattr(tokenizer, "eos_token_id", None), num_sequences)
     if cfg.source == "text":
         return TextCorpusDataModule(tokenizer, cfg)
-    return MixedDataModule(generated_path, tokenizer, cfg)
+    return MixedDataModule(generated_path, tokenizer, cfg, num_sequences)

@@ -27,6 +27,10 @@ class EvalConfig:
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_limit: int | None = None
     lm_eval_include_path: str | None = None  # a folder of extra lm-eval task YAMLs (e.g. over local files)
+    # held-out blocks for KL: "own" (this run's training data) or "hybrid" (the paper's generated corpus of
+    # the same size, fixed across data-source/k ablations so their KL compares)
+    kl_data: str = "own"
+    cache: bool = False  # reuse fp/rtn/smoothquant/gptq/awq scores across runs (<paths.data_dir>/eval_cache)
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in (*TASKS, "text")]
@@ -35,6 +39,8 @@ class EvalConfig:
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ValueError(f"unknown evaluate method(s) {bad}; valid: {', '.join(METHODS)}")
+        if self.kl_data not in ("own", "hybrid"):
+            raise ValueError(f"evaluate.kl_data must be own or hybrid; got {self.kl_data!r}")
         if self.seq_len < 2:
             raise ValueError(f"evaluate.seq_len must be >= 2, got {self.seq_len}")
         if self.max_windows is not None and self.max_windows < 1:

@@ -1,0 +1,75 @@
+"""Cached scores of the methods that involve no training (fp, rtn, smoothquant, gptq, awq): `evaluate.cache`.
+
+Why: every job of an ablation sweep scores the same teacher and the same RTN student on the same text; on
+two CPU cores that is over a minute per job, repeated. A score is keyed by everything it depends on: the
+method, the model and quant configs, the calibration batches (by content), and per task its settings and
+data (the text file's path, size and mtime; the held-out KL batches by content). The package version is
+part of the key; delete the cache folder after changing evaluation code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qat_lightning import __version__
+from qat_lightning.results import write_json_atomic
+
+# methods whose scores depend only on configs and data (QAT students and exports are never cached)
+CACHEABLE_METHODS = ("fp", "rtn", "smoothquant", "gptq", "awq")
+
+
+def batches_digest(batches: Sequence[dict[str, torch.Tensor]] | None) -> str | None:
+    """A content hash of token batches (calibration or held-out data)."""
+    if not batches:
+        return None
+    h = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch):
+            value = batch[name]
+            if isinstance(value, torch.Tensor):
+                h.update(name.encode())
+                h.update(str(tuple(value.shape)).encode())
+                h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_identity(path: str | Path | None) -> list | None:
+    """(resolved path, size, mtime) of a data file: cheap, and changes when the file does."""
+    if path is None:
+        return None
+    p = Path(path).expanduser().resolve()
+    if not p.is_file():
+        return [str(p)]
+    st = p.stat()
+    return [str(p), st.st_size, int(st.st_mtime)]
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    text = json.dumps([__version__, parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class EvalCache:
+    """One JSON file per (method, task) score under `root`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def get(self, parts: dict[str, Any]) -> dict[str, float] | None:
+        path = self._path(cache_key(parts))
+        if not path.is_file():
+            return None
+        entry = json.loads(path.read_text())
+        return entry.get("metrics")
+
+    def put(self, parts: dict[str, Any], metrics: dict[str, float]) -> None:
+        write_json_atomic(self._path(cache_key(parts)), {"parts": parts, "metrics": metrics})
