@@ -44,8 +44,12 @@ def test_an_identical_run_is_replayed_and_a_different_one_is_not(tmp_path):
     run_cli([*common, f"hydra.run.dir={tmp_path}/a", "logger.group=first"], cwd=tmp_path)
     first = load_results(tmp_path / "a")
     # same numbers-deciding config, other logger group and name: replayed, no training
-    proc = run_cli([*common, f"hydra.run.dir={tmp_path}/b", "logger.group=second", "name=other"], cwd=tmp_path)
+    proc = run_cli([*common, f"hydra.run.dir={tmp_path}/b", "logger=wandb", "logger.group=second", "name=other"],
+                   cwd=tmp_path)
     assert load_results(tmp_path / "b") == first
+    # the replayed results are on the sweep's dashboard too
+    (record,) = (tmp_path / "b" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"evaluate/qat/kl" in record.read_bytes()
     assert json.loads((tmp_path / "b" / "memo.json").read_text())["copied_from"] == str(tmp_path / "a")
     assert not (tmp_path / "b" / "student").exists() and "memo: identical" in proc.stdout + proc.stderr
     # a different lr is a different run

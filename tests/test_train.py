@@ -40,6 +40,9 @@ def test_cli_end_to_end_writes_results_wandb_checkpoint_and_student(tmp_path):
     assert results["generate/teacher/num_sequences"] == 16
     assert results["train/student/steps"] == 3
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
+    # evaluation results reach the dashboard too, not only the training curves
+    (record,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"evaluate/qat/kl" in record.read_bytes() and b"evaluate/rtn/kl" in record.read_bytes()
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert (run_dir / "student" / "student.safetensors").exists()
     assert "| qat |" in proc.stdout and (run_dir / "results.md").exists()

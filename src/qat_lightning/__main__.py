@@ -77,11 +77,11 @@ def run(cfg: DictConfig) -> None:
     env_before = {var: os.environ.get(var) for var in _LAUNCHER_VARS}
     _export_job_for_children()
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    ctx = RunContext(run_cfg, run_dir, resolved_cfg=resolved)
     memo_key = _memo_key(run_cfg, resolved)
-    if memo_key is not None and _replay_memo(run_cfg, memo_key, run_dir):
+    if memo_key is not None and _replay_memo(ctx, memo_key):
         _end_job(env_before)
         return
-    ctx = RunContext(run_cfg, run_dir, resolved_cfg=resolved)
     try:
         run_stages(ctx)
     except Exception as err:
@@ -110,15 +110,20 @@ def _memo_key(run_cfg, resolved: dict) -> str | None:
     return run_memo.memo_key(resolved)
 
 
-def _replay_memo(run_cfg, key: str, run_dir: str) -> bool:
-    """Copy the results of an identical finished run into this run's dir; False when there is none."""
+def _replay_memo(ctx, key: str) -> bool:
+    """Copy the results of an identical finished run into this run's dir and to its logger (so the sweep's
+    dashboard has every run); False when there is none."""
     from qat_lightning import run_memo
 
-    entry = run_memo.lookup(run_cfg.paths.data_dir, key)
+    entry = run_memo.lookup(ctx.cfg.paths.data_dir, key)
     if entry is None:
         return False
-    path = run_memo.replay(entry, run_dir)
+    path = run_memo.replay(entry, ctx.run_dir)
     log.info("memo: identical to the finished run %s; its results copied to %s (nothing rerun)", entry["run_dir"], path)
+    try:
+        ctx.log(entry["results"])
+    finally:
+        ctx.close_logger()
     return True
 
 

@@ -44,10 +44,34 @@ class RunContext:
         self._tokenizer = None
         self.student: nn.Module | None = None
         self.corpus_path: Path | None = None
+        self._logger = None  # built on first use; one per run, shared by train, evaluate and export
+
+    def logger(self):
+        """The run's logger (W&B, CSV, or False for none): every stage's results go to it, not only train's."""
+        if self._logger is None:
+            from qat_lightning.distill.trainer import build_logger
+
+            self._logger = build_logger(self.cfg, self.run_dir, self.resolved_cfg)
+        return self._logger
+
+    def close_logger(self) -> None:
+        from qat_lightning.distill.trainer import close_logger
+
+        close_logger(self._logger)
+        self._logger = None
 
     def record(self, stage: str, method: str, metrics: dict[str, float]) -> None:
         if self.results is not None:
-            self.results.add(stage, method, metrics)
+            values = self.results.prefixed(stage, method, metrics)
+            self.results.update(values)
+            self.log(values)
+
+    def log(self, values: dict[str, float | None]) -> None:
+        """Send `<stage>/<method>/<metric>` values to the logger (rank 0), e.g. evaluate/qat/wikitext2_ppl."""
+        logger = self.logger() if self.rank == 0 else None
+        finite = {k: float(v) for k, v in values.items() if v is not None}
+        if logger and finite:
+            logger.log_metrics(finite)
 
     def teacher(self):
         """(teacher, tokenizer), loaded once per run, frozen and in eval mode."""
@@ -347,8 +371,11 @@ STAGE_FUNCTIONS = {
 
 
 def run_stages(ctx: RunContext) -> None:
-    for stage in ctx.cfg.stages:
-        log.info("stage %s", stage)
-        STAGE_FUNCTIONS[stage](ctx)
-        if stage == "train" and ctx.rank != 0:
-            return  # extra ranks exist for training; rank 0 evaluates and exports
+    try:
+        for stage in ctx.cfg.stages:
+            log.info("stage %s", stage)
+            STAGE_FUNCTIONS[stage](ctx)
+            if stage == "train" and ctx.rank != 0:
+                return  # extra ranks exist for training; rank 0 evaluates and exports
+    finally:
+        ctx.close_logger()

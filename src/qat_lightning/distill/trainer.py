@@ -176,7 +176,7 @@ def train_student(ctx) -> DistillationModule:
     trainer = L.Trainer(
         **cfg.trainer.kwargs(),
         strategy=build_strategy(cfg),
-        logger=build_logger(cfg, run_dir, ctx.resolved_cfg),  # W&B writes from rank 0 only
+        logger=ctx.logger(),  # the run's logger: W&B writes from rank 0 only; stays open for evaluate/export
         callbacks=build_callbacks(cfg, run_dir),
         default_root_dir=str(run_dir),
         enable_checkpointing=cfg.callbacks.checkpoint,
@@ -206,15 +206,15 @@ def train_student(ctx) -> DistillationModule:
             dist.destroy_process_group()
     else:
         ctx.student = module.student.eval()
-    _finish_logger(trainer)
     return module
 
 
-def _finish_logger(trainer) -> None:
-    """Close the W&B run so the next sweep job starts its own."""
-    for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger":
-            import wandb
+def close_logger(logger) -> None:
+    """Flush the run's logger and close its W&B run, so the next job of a sweep starts its own."""
+    if not logger:
+        return
+    logger.finalize("success")
+    if type(logger).__name__ == "WandbLogger":
+        import wandb
 
-            logger.finalize("success")
-            wandb.finish()
+        wandb.finish()
