@@ -276,22 +276,6 @@ def _reference_corpus_data(ctx: RunContext):
     return build_datamodule(data, tokenizer, generated_path=path, num_sequences=gen.num_sequences)
 
 
-def _task_parts(cfg: RunConfig, task: str, heldout: list[dict] | None) -> dict:
-    """What a task's score depends on besides the model (see eval/cache.py)."""
-    from qat_lightning.eval.cache import batches_digest, file_identity
-    from qat_lightning.eval.sources import resolve_path
-
-    ev = cfg.evaluate
-    if task == "kl":
-        return {"task": task, "kl_batches": ev.kl_batches, "heldout": batches_digest(heldout)}
-    if task == "hellaswag":
-        return {"task": task, "limit": ev.hellaswag_limit, "batch_size": ev.batch_size,
-                "file": file_identity(resolve_path("hellaswag", ev.hellaswag_path))}
-    path = ev.text_path if task == "text" else resolve_path(task, getattr(ev, f"{task}_path"))
-    return {"task": task, "seq_len": ev.seq_len, "max_windows": ev.max_windows, "batch_size": ev.batch_size,
-            "file": file_identity(path) or "hf-datasets"}
-
-
 def _cached_scores(ctx: RunContext, method: str, calib: list[dict], heldout: list[dict] | None) -> dict | None:
     """Scores of a training-free method from `evaluate.cache`, computing (and storing) the missing tasks.
 
@@ -300,7 +284,7 @@ def _cached_scores(ctx: RunContext, method: str, calib: list[dict], heldout: lis
     from dataclasses import replace
 
     from qat_lightning.eval import evaluate_model
-    from qat_lightning.eval.cache import CACHEABLE_METHODS, EvalCache, batches_digest
+    from qat_lightning.eval.cache import CACHEABLE_METHODS, EvalCache, batches_digest, task_parts
 
     cfg = ctx.cfg
     if not cfg.evaluate.cache or method not in CACHEABLE_METHODS or cfg.evaluate.lm_eval_tasks:
@@ -316,7 +300,7 @@ def _cached_scores(ctx: RunContext, method: str, calib: list[dict], heldout: lis
     model = None
     metrics: dict[str, float] = {}
     for task in cfg.evaluate.tasks:
-        parts = {**base, **_task_parts(cfg, task, heldout)}
+        parts = {**base, **task_parts(cfg.evaluate, task, heldout)}
         hit = cache.get(parts)
         if hit is None:
             if model is None:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from qat_lightning import __version__
+from qat_lightning.eval.config import EvalConfig
+from qat_lightning.eval.sources import resolve_path
 from qat_lightning.results import write_json_atomic
 
 # methods whose scores depend only on configs and data (QAT students and exports are never cached)
@@ -48,6 +50,18 @@ def file_identity(path: str | Path | None) -> list | None:
         return [str(p)]
     st = p.stat()
     return [str(p), st.st_size, int(st.st_mtime)]
+
+
+def task_parts(ev: EvalConfig, task: str, heldout: Sequence[dict] | None) -> dict[str, Any]:
+    """What one task's score depends on besides the model."""
+    if task == "kl":
+        return {"task": task, "kl_batches": ev.kl_batches, "heldout": batches_digest(heldout)}
+    if task == "hellaswag":
+        return {"task": task, "limit": ev.hellaswag_limit, "batch_size": ev.batch_size,
+                "file": file_identity(resolve_path("hellaswag", ev.hellaswag_path))}
+    path = ev.text_path if task == "text" else resolve_path(task, getattr(ev, f"{task}_path"))
+    return {"task": task, "seq_len": ev.seq_len, "max_windows": ev.max_windows, "batch_size": ev.batch_size,
+            "file": file_identity(path) or "hf-datasets"}
 
 
 def cache_key(parts: dict[str, Any]) -> str:
