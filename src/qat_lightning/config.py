@@ -7,6 +7,7 @@ value becomes one `ConfigError` line naming the key, and `__main__` exits with c
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -148,15 +149,11 @@ def _check_across_sections(cfg: RunConfig) -> None:
         if "export" not in cfg.stages and not cfg.export.out_dir:
             raise ConfigError("evaluate.methods has 'export' but nothing is exported: add 'export' before "
                               "'evaluate' in stages, or set export.out_dir=<an export folder>")
-
-
     _check_no_eval_leak(cfg)
 
 
 def _check_no_eval_leak(cfg: RunConfig) -> None:
     """Training on the text that perplexity is measured on would score the student on its own training data."""
-    import os
-
     from qat_lightning.eval.sources import resolve_path
 
     if cfg.data.source not in ("text", "mixed") or not cfg.data.text_path or "evaluate" not in cfg.stages:
