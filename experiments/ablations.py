@@ -12,11 +12,13 @@ fixed (`multirun/ablations/<name>`) so reruns resume into the same place and tab
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 BASE = "smollm2_w4a8kv4"
 
 # name -> the multirun overrides that make the ablation
@@ -26,6 +28,8 @@ ABLATIONS: dict[str, list[str]] = {
     "loss": ["loss=logits,label,hidden,attention,logits_hidden,logits_label"],
     "quantizer": ["quant=w4a8kv4,clip,lsq,asym,group64,kv_head"],
     "init": ["init=teacher,smoothquant"],
+    # training context: 4x128 vs 1x512 tokens a step (WikiText-2 is scored at 512)
+    "context": ["+ablation=context_128,context_512"],
     # run-to-run spread: the same base run with other data orders and held-out splits
     "seed": ["data.seed=0,1,2"],
     "bits": ["quant=w4a8kv4,w4a8kv8,w4a6,w8a8kv4,w8a8kv8,w4,w2"],
@@ -124,7 +128,11 @@ def main() -> None:
         _check_budget(sweep_dir(args.name), args.budget, args.extra)
         print(" ".join(cmd), flush=True)
         # a failed job is recorded by its missing/null results; the sweep goes on
-        rc = subprocess.call(cmd, cwd=ROOT)
+        env = dict(os.environ)
+        if "QAT_DATA_DIR" not in env and SHARED_DATA.is_dir():
+            env["QAT_DATA_DIR"] = str(SHARED_DATA)  # the evaluation data beside the repo (WikiText-2, HellaSwag)
+            print(f"QAT_DATA_DIR={SHARED_DATA}", flush=True)
+        rc = subprocess.call(cmd, cwd=ROOT, env=env)
         if rc != 0:
             print(f"warning: sweep exited with {rc}; failed jobs are listed in the table", file=sys.stderr)
     out = ROOT / "experiments" / "out" / args.name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,19 @@ def test_cli_bad_value_exits_2_before_loading_anything(tmp_path):
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and "kv_bits" in lines[-1]
     assert not (Path(tmp_path) / "run" / "results.json").exists()
+
+
+def test_cli_missing_eval_data_exits_2_before_training(tmp_path):
+    """The evaluate stage runs last: its missing data must stop the run before generation and training."""
+    env = {k: v for k, v in os.environ.items() if k != "QAT_DATA_DIR"}
+    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    proc = subprocess.run(
+        [sys.executable, "-m", "qat_lightning", "+exp=tiny_w4a8kv4", "evaluate.tasks=[kl,wikitext2]",
+         f"hydra.run.dir={tmp_path}/run", f"paths.data_dir={tmp_path}/data", f"paths.cache_dir={tmp_path}/cache"],
+        cwd=REPO, capture_output=True, text=True, timeout=180, env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: no wikitext2 data found") and "QAT_DATA_DIR" in lines[-1]
+    assert not (tmp_path / "data" / "generated").exists()  # nothing generated
+    assert not (tmp_path / "run" / "student").exists()  # nothing trained

@@ -82,6 +82,17 @@ def run(cfg: DictConfig) -> None:
     if memo_key is not None and _replay_memo(ctx, memo_key):
         _end_job(env_before)
         return
+    if "evaluate" in run_cfg.stages:
+        from qat_lightning.eval.sources import require_sources
+
+        ev = run_cfg.evaluate
+        try:
+            require_sources(ev.tasks, {"wikitext2": ev.wikitext2_path, "c4": ev.c4_path,
+                                       "hellaswag": ev.hellaswag_path})
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            _end_job(env_before)
+            sys.exit(2)
     try:
         run_stages(ctx)
     except Exception as err:

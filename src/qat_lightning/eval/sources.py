@@ -122,3 +122,25 @@ def hellaswag_source(path: str | os.PathLike | None = None) -> Path | list[tuple
     except Exception as err:
         tried.append(f"HF datasets ({type(err).__name__})")
     raise _not_found("hellaswag", tried)
+
+
+def require_sources(tasks: list[str], paths: dict[str, str | None]) -> None:
+    """Fail before any training when an evaluation task's data is nowhere to be found.
+
+    Why: the evaluate stage runs last; a missing WikiText-2 file found only then wastes the whole training run.
+    A local file (configured path or `$QAT_DATA_DIR`) is checked by existence; otherwise the HF `datasets`
+    load is tried now (it is cached, so evaluate reuses it).
+
+    Args:
+        tasks: evaluate.tasks; only wikitext2, c4 and hellaswag read data.
+        paths: the configured file per source (evaluate.<name>_path), None when unset.
+    Raises:
+        FileNotFoundError: one line naming what was tried and how to fix it.
+    """
+    for name in ("wikitext2", "c4", "hellaswag"):
+        if name not in tasks or resolve_path(name, paths.get(name)) is not None:
+            continue
+        if name == "hellaswag":
+            hellaswag_source(paths.get(name))
+        else:
+            load_text(name, paths.get(name))
