@@ -310,3 +310,25 @@ def test_gptq_with_padding_mask_matches_cut_batch():
     w_c = torch.cat([m.weight.flatten() for _, m in iter_quant_linears(cut)])
     assert (w_p != w_c).float().mean() < 0.01  # same Hessians up to float noise
     assert F.mse_loss(w_p, w_c) < 1e-6
+
+
+def test_gptq_weights_as_qat_init_reproduce_the_gptq_student():
+    """`init=gptq`: MinMax fake quantization of GPTQ's weights is GPTQ's grid again wherever a row's largest
+    code is +-qmax, so QAT's step 0 is (nearly) the GPTQ baseline, far closer to the teacher than RTN."""
+    from qat_lightning.baselines.gptq import gptq_weights
+    from qat_lightning.quant import quantize_model
+
+    teacher, batches = tiny_llama(), calib()
+    qcfg = QuantConfig(w_bits=4, a_bits=8, kv_bits=8)
+    base = gptq_weights(teacher, qcfg, batches)
+    assert not any(True for _ in iter_quant_linears(base))  # plain weights, no quantizers attached
+    student, ref = quantize_model(base, qcfg), gptq(teacher, qcfg, batches)
+    ref_weights = {name: lin.weight for name, lin in iter_quant_linears(ref)}
+    same_rows = total_rows = 0
+    for name, lin in iter_quant_linears(student):
+        same = (lin.quantized_weight() - ref_weights[name]).abs().amax(-1) < 1e-6  # (out,)
+        same_rows, total_rows = same_rows + int(same.sum()), total_rows + same.numel()
+    assert same_rows / total_rows > 0.9, (same_rows, total_rows)
+    err_init = logits_mse(student, teacher, batches)
+    assert err_init < 1.25 * logits_mse(ref, teacher, batches)  # the few rescaled rows cost a little
+    assert err_init < 0.8 * logits_mse(rtn(teacher, qcfg), teacher, batches)

@@ -143,7 +143,6 @@ def _groups(names: list[str]) -> list[list[str]]:
     return [g for g in groups if g]
 
 
-@torch.no_grad()
 def gptq(
     teacher: nn.Module,
     qcfg: QuantConfig | Any,
@@ -164,6 +163,32 @@ def gptq(
     Returns:
         The student (`quantize_model` of the GPTQ-weight model with `weights_prequantized_config(qcfg)`);
         `student.quant_config` is that config.
+    """
+    qcfg = as_quant_config(qcfg)
+    model = gptq_weights(teacher, qcfg, calib_batches, block_size, percdamp, act_order)
+    return quantize_model(model, weights_prequantized_config(qcfg), inplace=True)
+
+
+@torch.no_grad()
+def gptq_weights(
+    teacher: nn.Module,
+    qcfg: QuantConfig | Any,
+    calib_batches: list[dict],
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+) -> nn.Module:
+    """A copy of `teacher` whose decoder linears hold GPTQ's dequantized weights (no quantizers attached).
+
+    Why separate: QAT can start from these weights (`init=gptq`); MinMax fake quantization of a GPTQ row
+    gives back GPTQ's grid whenever the row's largest code is +-qmax (the same max |w|).
+
+    Args:
+        teacher: HF causal LM (`model.model.layers`); not modified.
+        qcfg: the student's `QuantConfig`; `weight_spec(name)` gives each linear's grid (skipped or 16-bit
+            linears stay FP).
+        calib_batches: list of dicts with ``input_ids (B, T)`` and optional ``attention_mask``.
+        block_size, percdamp, act_order: see `gptq_weight`.
     """
     qcfg = as_quant_config(qcfg)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -200,4 +225,4 @@ def gptq(
                     gptq_weight(linears[n].weight, hess[n], specs[n], block_size, percdamp, act_order)
                 )
         inputs.hidden = forward_layer(layer, i, inputs)  # next layer's inputs, from this quantized layer
-    return quantize_model(model, weights_prequantized_config(qcfg), inplace=True)
+    return model

@@ -164,6 +164,11 @@ def train_student(ctx) -> DistillationModule:
         from qat_lightning.baselines import smooth_model
 
         base = smooth_model(teacher, sample_batches(dm, "train", cfg.calib_batches), alpha=cfg.smoothquant_alpha)
+    elif cfg.init == "gptq":
+        from qat_lightning.baselines.gptq import gptq_weights
+
+        # QAT starts where GPTQ ends: its weights are on the student's grid, so step 0 is the GPTQ baseline
+        base = gptq_weights(teacher, cfg.quant, sample_batches(dm, "train", cfg.calib_batches))
     student = quantize_model(base, cfg.quant)  # a copy: the teacher is untouched
     student.requires_grad_(True).train()  # the copy inherits the frozen teacher's flags
     module = DistillationModule(
