@@ -204,3 +204,16 @@ def test_scoring_an_export_that_is_not_there_yet_is_refused_up_front(tmp_path, s
     with pytest.raises(ConfigError, match=message):
         validate_config(compose(["+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), f"stages={stages}",
                                  "evaluate.methods=[qat,export]"]))
+
+
+@pytest.mark.parametrize("init", ["teacher", "gptq"])
+def test_init_sets_where_qat_starts(init, tmp_path):
+    """With a vanishing lr the trained student is its init: RTN's student from the teacher, GPTQ's from gptq."""
+    results, _ = _in_process(["stages=[train,evaluate]", f"init={init}", "trainer.max_steps=1", "optim.lr=1e-12",
+                              "logger=none", "evaluate.methods=[rtn,gptq,qat]", "evaluate.tasks=[kl]"], tmp_path)
+    qat, rtn, gptq = (results[f"evaluate/{m}/kl"] for m in ("qat", "rtn", "gptq"))
+    assert abs(rtn - gptq) > 0.05 * rtn, (rtn, gptq)  # the two inits are distinguishable on this model
+    want, other = (rtn, gptq) if init == "teacher" else (gptq, rtn)
+    assert abs(qat - want) < abs(qat - other), (init, qat, rtn, gptq)
+    if init == "teacher":
+        assert qat == pytest.approx(rtn, rel=1e-3)
