@@ -27,7 +27,7 @@ ABLATIONS: dict[str, list[str]] = {
     "k_top1": ["generation.k_choices=[3,4,5],[0],[1],[3],[5]"],
     "loss": ["loss=logits,label,hidden,attention,logits_hidden,logits_label"],
     "quantizer": ["quant=w4a8kv4,clip,lsq,asym,group64,kv_head"],
-    "init": ["init=teacher,smoothquant,gptq"],
+    "init": ["init=teacher,smoothquant,gptq,kvsmooth"],
     # training context: 4x128 vs 1x512 tokens a step (WikiText-2 is scored at 512)
     "context": ["+ablation=context_128,context_512"],
     # run-to-run spread: the same base run with other data orders and held-out splits

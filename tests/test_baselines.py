@@ -332,3 +332,55 @@ def test_gptq_weights_as_qat_init_reproduce_the_gptq_student():
     err_init = logits_mse(student, teacher, batches)
     assert err_init < 1.25 * logits_mse(ref, teacher, batches)  # the few rescaled rows cost a little
     assert err_init < 0.8 * logits_mse(rtn(teacher, qcfg), teacher, batches)
+
+
+# ---- KV smoothing (flattened key channels) -------------------------------------------------------
+def key_outlier_llama(factor: float = 20.0) -> nn.Module:
+    """tiny_llama whose key channel pair (3, 3 + hd/2) of kv head 1 is `factor` x larger, queries compensating:
+    the same FP function, but keys with an outlier channel (what real models have before RoPE). q and k are
+    first scaled 10x so attention is peaked, as in trained models (at random init it is ~uniform and key
+    errors do not matter)."""
+    model = tiny_llama()
+    hd = model.config.hidden_size // model.config.num_attention_heads  # 16
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(10.0)
+            layer.self_attn.k_proj.weight.mul_(10.0)
+            rows = [hd + 3, hd + 3 + hd // 2]  # kv head 1; read by query heads 2 and 3
+            layer.self_attn.k_proj.weight[rows] *= factor
+            for h in (2, 3):
+                layer.self_attn.q_proj.weight[[h * hd + 3, h * hd + 3 + hd // 2]] /= factor
+    return model
+
+
+def test_kv_smoothing_keeps_fp_logits_and_flattens_key_pairs():
+    from qat_lightning.baselines import kv_smooth_model
+    from qat_lightning.baselines.kv_smooth import collect_key_absmax
+
+    teacher, batches = key_outlier_llama(), calib()
+    smoothed = kv_smooth_model(teacher, batches)
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(smoothed(ids).logits, teacher(ids).logits, rtol=1e-4, atol=1e-4)
+    k_new, k_old = smoothed.model.layers[0].self_attn.k_proj.weight, teacher.model.layers[0].self_attn.k_proj.weight
+    assert not torch.equal(k_new, k_old)
+    hd = 16
+    before, after = collect_key_absmax(teacher, batches), collect_key_absmax(smoothed, batches)
+    for m0, m1 in zip(before, after):
+        pair = m1.view(-1, 2, hd // 2).amax(dim=1)  # (n_kv, hd/2) pair ranges after smoothing
+        assert torch.allclose(pair, pair.mean().expand_as(pair), rtol=1e-4)  # all equal
+        assert m0.max() / m0.min() > 10 and m1.max() / m1.min() < m0.max() / m0.min()
+
+
+def test_kv_smoothing_cuts_kv4_error_and_strength_0_is_rtn():
+    from qat_lightning.baselines import kv_smooth
+
+    teacher, batches = key_outlier_llama(), calib()
+    qcfg = QuantConfig(w_bits=16, a_bits=16, kv_bits=4)
+    err_rtn = logits_mse(rtn(teacher, qcfg), teacher, batches)
+    err_smooth = logits_mse(kv_smooth(teacher, qcfg, batches), teacher, batches)
+    assert err_smooth < 0.5 * err_rtn, (err_smooth, err_rtn)
+    err_identity = logits_mse(kv_smooth(teacher, qcfg, batches, strength=0.0), teacher, batches)
+    assert err_identity == pytest.approx(err_rtn, rel=1e-4)
+    with pytest.raises(ValueError, match="strength"):
+        kv_smooth(teacher, qcfg, batches, strength=1.5)

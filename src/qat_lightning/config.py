@@ -31,7 +31,7 @@ from qat_lightning.models.config import ModelConfig
 from qat_lightning.quant.spec import QuantConfig
 
 STAGES = ("quantize", "generate", "train", "evaluate", "export")
-INITS = ("teacher", "smoothquant", "gptq")
+INITS = ("teacher", "smoothquant", "gptq", "kvsmooth")
 
 
 class ConfigError(ValueError):
@@ -55,7 +55,7 @@ class RunConfig:
     seed: int = 42
     ckpt_path: str | None = None  # "last" resumes from <run dir>/checkpoints/last.ckpt
     student_path: str | None = None  # a saved student (for evaluate/export without train)
-    init: str = "teacher"  # teacher | smoothquant | gptq: QAT from the teacher, a smoothed teacher, GPTQ weights
+    init: str = "teacher"  # teacher | smoothquant | gptq | kvsmooth (see conf/config.yaml)
     smoothquant_alpha: float = 0.5
     calib_batches: int = 8
     # reuse the results of an identical finished run (same resolved config but logger/paths/name) instead of

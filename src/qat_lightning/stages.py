@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qat_lightning.baselines.registry import CALIBRATED_METHODS
 from qat_lightning.config import RunConfig
 from qat_lightning.results import Results
 
@@ -229,7 +230,7 @@ def stage_evaluate(ctx: RunContext) -> dict[str, dict[str, float]]:
 
     cfg = ctx.cfg
     teacher, tokenizer = ctx.teacher()
-    needs_data = "kl" in cfg.evaluate.tasks or any(m in ("smoothquant", "gptq", "awq") for m in cfg.evaluate.methods)
+    needs_data = "kl" in cfg.evaluate.tasks or any(m in CALIBRATED_METHODS for m in cfg.evaluate.methods)
     heldout, calib = None, []
     if needs_data:
         dm = build_data(ctx)
@@ -294,7 +295,7 @@ def _cached_scores(ctx: RunContext, method: str, calib: list[dict], heldout: lis
     base = {"method": method, "model": model_cfg}
     if method != "fp":
         base["quant"] = asdict(cfg.quant)
-    if method in ("smoothquant", "gptq", "awq"):
+    if method in CALIBRATED_METHODS:
         base.update(calib=batches_digest(calib), alpha=cfg.smoothquant_alpha)
     teacher, tokenizer = ctx.teacher()
     model = None

@@ -10,13 +10,17 @@ from torch import nn
 
 from qat_lightning.baselines.awq import awq
 from qat_lightning.baselines.gptq import gptq
+from qat_lightning.baselines.kv_smooth import kv_smooth
 from qat_lightning.baselines.rtn import rtn
 from qat_lightning.baselines.smoothquant import smoothquant
 
-__all__ = ["BASELINE_METHODS", "build_baseline"]
+__all__ = ["BASELINE_METHODS", "CALIBRATED_METHODS", "build_baseline"]
 
-BASELINE_METHODS = ("fp", "rtn", "smoothquant", "gptq", "awq")
-_CALIBRATED: dict[str, Callable[..., nn.Module]] = {"smoothquant": smoothquant, "gptq": gptq, "awq": awq}
+BASELINE_METHODS = ("fp", "rtn", "smoothquant", "gptq", "awq", "kvsmooth")
+_CALIBRATED: dict[str, Callable[..., nn.Module]] = {
+    "smoothquant": smoothquant, "gptq": gptq, "awq": awq, "kvsmooth": kv_smooth,
+}
+CALIBRATED_METHODS = tuple(_CALIBRATED)  # the baselines that need calibration batches
 # Options of each calibrated method (everything after teacher, qcfg, calib_batches).
 _OPTIONS = {m: tuple(inspect.signature(f).parameters)[3:] for m, f in _CALIBRATED.items()}
 

@@ -164,6 +164,11 @@ def train_student(ctx) -> DistillationModule:
         from qat_lightning.baselines import smooth_model
 
         base = smooth_model(teacher, sample_batches(dm, "train", cfg.calib_batches), alpha=cfg.smoothquant_alpha)
+    elif cfg.init == "kvsmooth":
+        from qat_lightning.baselines import kv_smooth_model
+
+        # flattened key channels: per-token KV quantization starts far closer to the teacher (exact in FP)
+        base = kv_smooth_model(teacher, sample_batches(dm, "train", cfg.calib_batches))
     elif cfg.init == "gptq":
         from qat_lightning.baselines.gptq import gptq_weights
 

@@ -23,7 +23,7 @@ from qat_lightning.eval.sources import resolve_path
 from qat_lightning.results import write_json_atomic
 
 # methods whose scores depend only on configs and data (QAT students and exports are never cached)
-CACHEABLE_METHODS = ("fp", "rtn", "smoothquant", "gptq", "awq")
+CACHEABLE_METHODS = ("fp", "rtn", "smoothquant", "gptq", "awq", "kvsmooth")
 
 
 def batches_digest(batches: Sequence[dict[str, torch.Tensor]] | None) -> str | None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 TASKS = ("wikitext2", "c4", "hellaswag", "kl")
 # "export": the exported integer model reloaded from disk (export.out_dir or <run dir>/export)
-METHODS = ("fp", "rtn", "smoothquant", "gptq", "awq", "qat", "export")
+METHODS = ("fp", "rtn", "smoothquant", "gptq", "awq", "kvsmooth", "qat", "export")
 
 
 @dataclass

@@ -1,0 +1,124 @@
+"""Flatten the key cache's channels before per-token quantization: an exact FP rewrite of q_proj and k_proj.
+
+Per-token quantization of K shares one step across all channels of a token, so the few outlier channels that
+keys have (consistently, before RoPE) set the step and crush the rest. Scaling key channel c by 1/s_c and the
+query channels that read it by s_c leaves every attention logit q.k unchanged in full precision, while K's
+channels get equal ranges: each channel's rounding error then scales with its own range, as with per-channel
+key quantization (KVQuant, Hooper et al. 2024), without changing the cache layout or the quantizer.
+
+Constraints the scales respect:
+- RoPE rotates channel pairs (d, d + hd/2) of a head (transformers' `rotate_half`): a pair shares its scale.
+- GQA: kv head g is read by query heads g*n_rep ... (g+1)*n_rep - 1 (`repeat_kv`), all scaled by g's s.
+- Weights are quantized per output row, so scaling rows of q_proj and k_proj changes no weight's rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from qat_lightning.baselines.calibration import (
+    _device,
+    _model_inputs,
+    as_quant_config,
+    check_calib_batches,
+    decoder_layers,
+)
+from qat_lightning.quant import QuantConfig, quantize_model
+
+__all__ = ["collect_key_absmax", "key_scales", "kv_smooth", "kv_smooth_model", "scale_query_key"]
+
+
+def _heads(config: Any) -> tuple[int, int, int]:
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    hd = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return n_heads, n_kv, hd
+
+
+def key_scales(key_absmax: torch.Tensor, head_dim: int, strength: float = 1.0) -> torch.Tensor:
+    """Per key channel ``s_c = (m_c / mean(m))^strength``, m_c the max |k| of c's RoPE pair; (n_kv*hd,).
+
+    strength 1 makes every pair's range equal (to the mean range, so magnitudes stay where they were);
+    0 is the identity. Channels that never fired keep s = 1.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even (RoPE pairs), got {head_dim}")
+    m = key_absmax.float().view(-1, 2, head_dim // 2)  # (n_kv, 2, hd/2): rotate_half pairs d and d + hd/2
+    m = m.amax(dim=1, keepdim=True).expand_as(m).reshape(-1)  # (n_kv*hd,) pair max
+    live = m > 0
+    if not live.any():
+        return torch.ones_like(m)
+    s = (m / m[live].mean()).pow(strength)
+    return torch.where(live, s, torch.ones_like(s))
+
+
+@torch.no_grad()
+def scale_query_key(attn: nn.Module, config: Any, s: torch.Tensor) -> None:
+    """k_proj rows / s and the q_proj rows reading each key channel * s: every q.k is unchanged."""
+    n_heads, n_kv, hd = _heads(config)
+    q, k = attn.q_proj, attn.k_proj
+    if k.out_features != n_kv * hd or q.out_features != n_heads * hd or n_heads % n_kv or s.numel() != n_kv * hd:
+        raise ValueError(f"q_proj/k_proj shapes do not match {n_heads} heads, {n_kv} kv heads of size {hd}")
+    n_rep = n_heads // n_kv
+    s_q = s.view(n_kv, 1, hd).expand(n_kv, n_rep, hd).reshape(-1)  # (n_heads*hd,)
+    k.weight.div_(s.to(k.weight.dtype).unsqueeze(1))  # (n_kv*hd, H) rows
+    q.weight.mul_(s_q.to(q.weight.dtype).unsqueeze(1))  # (n_heads*hd, H) rows
+    if k.bias is not None:
+        k.bias.div_(s.to(k.bias.dtype))
+    if q.bias is not None:
+        q.bias.mul_(s_q.to(q.bias.dtype))
+
+
+@torch.no_grad()
+def collect_key_absmax(model: nn.Module, calib_batches: list[dict]) -> list[torch.Tensor]:
+    """Per layer, the max |k_proj output| per key channel over the real calibration tokens: [(n_kv*hd,)]."""
+    batches = check_calib_batches(calib_batches)
+    device = _device(model)
+    layers = decoder_layers(model)
+    out: list[torch.Tensor | None] = [None] * len(layers)
+    current: dict[str, torch.Tensor] = {}
+
+    def make(i: int):
+        def hook(_module, _args, y):  # y: (B, T, n_kv*hd)
+            amax = y[current["mask"]].abs().amax(dim=0).float()  # (n_kv*hd,)
+            out[i] = amax if out[i] is None else torch.maximum(out[i], amax)
+
+        return hook
+
+    handles = [layer.self_attn.k_proj.register_forward_hook(make(i)) for i, layer in enumerate(layers)]
+    try:
+        for batch in batches:
+            kwargs, current["mask"] = _model_inputs(batch, device)
+            if current["mask"].any():
+                model(**kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(m is None for m in out):
+        raise ValueError("calibration batches contain no real tokens (attention_mask is all 0)")
+    return out  # type: ignore[return-value]
+
+
+def kv_smooth_model(teacher: nn.Module, calib_batches: list[dict], strength: float = 1.0) -> nn.Module:
+    """A copy of `teacher` with flattened key channels (same logits up to float rounding); teacher untouched.
+
+    One FP pass gives every layer's statistics: the rewrite never changes a layer's output.
+    """
+    model = copy.deepcopy(teacher)
+    absmax = collect_key_absmax(model, calib_batches)
+    _, _, hd = _heads(model.config)
+    for layer, m in zip(decoder_layers(model), absmax):
+        scale_query_key(layer.self_attn, model.config, key_scales(m, hd, strength))
+    return model
+
+
+def kv_smooth(teacher: nn.Module, qcfg: QuantConfig | Any, calib_batches: list[dict], strength: float = 1.0):
+    """Baseline: `kv_smooth_model`, then the student's RTN quantizers (`qcfg`, W/A/KV)."""
+    qcfg = as_quant_config(qcfg)
+    return quantize_model(kv_smooth_model(teacher, calib_batches, strength), qcfg, inplace=True)
