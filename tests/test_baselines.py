@@ -353,12 +353,15 @@ def key_outlier_llama(factor: float = 20.0) -> nn.Module:
     return model
 
 
-def test_kv_smoothing_keeps_fp_logits_and_flattens_key_pairs():
+@pytest.mark.parametrize("v_alpha", [None, 0.5])
+def test_kv_smoothing_keeps_fp_logits_and_flattens_key_pairs(v_alpha):
     from qat_lightning.baselines import kv_smooth_model
     from qat_lightning.baselines.kv_smooth import collect_key_absmax
 
     teacher, batches = key_outlier_llama(), calib()
-    smoothed = kv_smooth_model(teacher, batches)
+    smoothed = kv_smooth_model(teacher, batches, v_alpha=v_alpha)
+    v_new, v_old = smoothed.model.layers[1].self_attn.v_proj.weight, teacher.model.layers[1].self_attn.v_proj.weight
+    assert torch.equal(v_new, v_old) == (v_alpha is None)
     ids = batches[0]["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(smoothed(ids).logits, teacher(ids).logits, rtol=1e-4, atol=1e-4)

@@ -76,8 +76,8 @@ def scale_query_key(attn: nn.Module, config: Any, s: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def collect_key_absmax(model: nn.Module, calib_batches: list[dict]) -> list[torch.Tensor]:
-    """Per layer, the max |k_proj output| per key channel over the real calibration tokens: [(n_kv*hd,)]."""
+def collect_key_absmax(model: nn.Module, calib_batches: list[dict], proj: str = "k_proj") -> list[torch.Tensor]:
+    """Per layer, the max |`proj` output| per channel over the real calibration tokens: [(n_kv*hd,)]."""
     batches = check_calib_batches(calib_batches)
     device = _device(model)
     layers = decoder_layers(model)
@@ -91,7 +91,7 @@ def collect_key_absmax(model: nn.Module, calib_batches: list[dict]) -> list[torc
 
         return hook
 
-    handles = [layer.self_attn.k_proj.register_forward_hook(make(i)) for i, layer in enumerate(layers)]
+    handles = [getattr(layer.self_attn, proj).register_forward_hook(make(i)) for i, layer in enumerate(layers)]
     try:
         for batch in batches:
             kwargs, current["mask"] = _model_inputs(batch, device)
@@ -105,20 +105,41 @@ def collect_key_absmax(model: nn.Module, calib_batches: list[dict]) -> list[torc
     return out  # type: ignore[return-value]
 
 
-def kv_smooth_model(teacher: nn.Module, calib_batches: list[dict], strength: float = 1.0) -> nn.Module:
+@torch.no_grad()
+def kv_smooth_model(
+    teacher: nn.Module, calib_batches: list[dict], strength: float = 1.0, v_alpha: float | None = None
+) -> nn.Module:
     """A copy of `teacher` with flattened key channels (same logits up to float rounding); teacher untouched.
 
     One FP pass gives every layer's statistics: the rewrite never changes a layer's output.
+
+    Args:
+        strength: how far key pair ranges are equalised (`key_scales`).
+        v_alpha: also smooth the value channels against o_proj's columns, SmoothQuant-style
+            (``s = max|v|^a / max|W_o col|^(1-a)``): unlike q, o_proj's weights are quantized per row, so
+            flattening V fully would move its range into o_proj's 4-bit rows; None leaves V alone.
     """
+    from qat_lightning.baselines.smoothquant import _smooth_vo
+
     model = copy.deepcopy(teacher)
-    absmax = collect_key_absmax(model, calib_batches)
-    _, _, hd = _heads(model.config)
-    for layer, m in zip(decoder_layers(model), absmax):
-        scale_query_key(layer.self_attn, model.config, key_scales(m, hd, strength))
+    key_absmax = collect_key_absmax(model, calib_batches)
+    value_absmax = collect_key_absmax(model, calib_batches, "v_proj") if v_alpha is not None else None
+    n_heads, n_kv, hd = _heads(model.config)
+    for i, layer in enumerate(decoder_layers(model)):
+        scale_query_key(layer.self_attn, model.config, key_scales(key_absmax[i], hd, strength))
+        if value_absmax is not None:  # as o_proj input statistics: each v channel read by n_rep heads
+            o_in = value_absmax[i].view(n_kv, 1, hd).expand(n_kv, n_heads // n_kv, hd).reshape(-1)
+            _smooth_vo(layer.self_attn, model.config, o_in, v_alpha)
     return model
 
 
-def kv_smooth(teacher: nn.Module, qcfg: QuantConfig | Any, calib_batches: list[dict], strength: float = 1.0):
+def kv_smooth(
+    teacher: nn.Module,
+    qcfg: QuantConfig | Any,
+    calib_batches: list[dict],
+    strength: float = 1.0,
+    v_alpha: float | None = None,
+):
     """Baseline: `kv_smooth_model`, then the student's RTN quantizers (`qcfg`, W/A/KV)."""
     qcfg = as_quant_config(qcfg)
-    return quantize_model(kv_smooth_model(teacher, calib_batches, strength), qcfg, inplace=True)
+    return quantize_model(kv_smooth_model(teacher, calib_batches, strength, v_alpha), qcfg, inplace=True)
