@@ -62,6 +62,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def attention_heads(config: Any) -> tuple[int, int, int]:
+    """(query heads, kv heads, head_dim) of a HF decoder config (GQA when kv heads < query heads)."""
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    hd = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return n_heads, n_kv, hd
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

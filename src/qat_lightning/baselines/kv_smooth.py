@@ -24,19 +24,13 @@ from qat_lightning.baselines.calibration import (
     _device,
     _model_inputs,
     as_quant_config,
+    attention_heads,
     check_calib_batches,
     decoder_layers,
 )
 from qat_lightning.quant import QuantConfig, quantize_model
 
 __all__ = ["collect_key_absmax", "key_scales", "kv_smooth", "kv_smooth_model", "scale_query_key"]
-
-
-def _heads(config: Any) -> tuple[int, int, int]:
-    n_heads = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    hd = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    return n_heads, n_kv, hd
 
 
 def key_scales(key_absmax: torch.Tensor, head_dim: int, strength: float = 1.0) -> torch.Tensor:
@@ -61,7 +55,7 @@ def key_scales(key_absmax: torch.Tensor, head_dim: int, strength: float = 1.0) -
 @torch.no_grad()
 def scale_query_key(attn: nn.Module, config: Any, s: torch.Tensor) -> None:
     """k_proj rows / s and the q_proj rows reading each key channel * s: every q.k is unchanged."""
-    n_heads, n_kv, hd = _heads(config)
+    n_heads, n_kv, hd = attention_heads(config)
     q, k = attn.q_proj, attn.k_proj
     if k.out_features != n_kv * hd or q.out_features != n_heads * hd or n_heads % n_kv or s.numel() != n_kv * hd:
         raise ValueError(f"q_proj/k_proj shapes do not match {n_heads} heads, {n_kv} kv heads of size {hd}")
@@ -124,7 +118,7 @@ def kv_smooth_model(
     model = copy.deepcopy(teacher)
     key_absmax = collect_key_absmax(model, calib_batches)
     value_absmax = collect_key_absmax(model, calib_batches, "v_proj") if v_alpha is not None else None
-    n_heads, n_kv, hd = _heads(model.config)
+    n_heads, n_kv, hd = attention_heads(model.config)
     for i, layer in enumerate(decoder_layers(model)):
         scale_query_key(layer.self_attn, model.config, key_scales(key_absmax[i], hd, strength))
         if value_absmax is not None:  # as o_proj input statistics: each v channel read by n_rep heads

@@ -20,7 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat_lightning.baselines.calibration import as_quant_config, check_calib_batches, collect_input_absmax
+from qat_lightning.baselines.calibration import (
+    as_quant_config,
+    attention_heads,
+    check_calib_batches,
+    collect_input_absmax,
+)
 from qat_lightning.baselines.calibration import decoder_layers as _decoder_layers
 from qat_lightning.quant import QuantConfig, quantize_model
 
@@ -69,9 +74,7 @@ def _smooth_vo(attn: nn.Module, config: Any, act_absmax: torch.Tensor, alpha: fl
     input channel ``h * hd + d`` reads v channel ``(h // n_rep) * hd + d``: the n_rep o-channels sharing a
     v-channel must share its scale, and their statistics are pooled (max) before computing it.
     """
-    n_heads = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    hd = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    n_heads, n_kv, hd = attention_heads(config)
     v, o = attn.v_proj, attn.o_proj
     if v.out_features != n_kv * hd or o.in_features != n_heads * hd or n_heads % n_kv:
         raise ValueError(f"v_proj/o_proj shapes do not match {n_heads} heads, {n_kv} kv heads of size {hd}")
