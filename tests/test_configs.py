@@ -71,6 +71,9 @@ def test_every_experiment_runs_on_a_tiny_model_of_its_family(exp, tmp_path):
         ("stages=[train,deploy]", "deploy"),
         ("optim.lr=-1", "lr"),
         ("model.source=nowhere", "source"),
+        ("init=random", "init"),
+        ("kvsmooth_strength=2", "kvsmooth_strength"),
+        ("kvsmooth_v_alpha=-0.5", "kvsmooth_v_alpha"),
     ],
 )
 def test_bad_values_fail_validation_with_one_clear_line(override, needle):

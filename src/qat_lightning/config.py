@@ -57,6 +57,8 @@ class RunConfig:
     student_path: str | None = None  # a saved student (for evaluate/export without train)
     init: str = "teacher"  # teacher | smoothquant | gptq | kvsmooth (see conf/config.yaml)
     smoothquant_alpha: float = 0.5
+    kvsmooth_strength: float = 1.0  # how far key channel ranges are equalised (init=kvsmooth, kvsmooth baseline)
+    kvsmooth_v_alpha: float | None = None  # also smooth V against o_proj with this alpha; null leaves V alone
     calib_batches: int = 8
     # reuse the results of an identical finished run (same resolved config but logger/paths/name) instead of
     # running it again: sweeps that share a baseline run train it once (run_memo.py)
@@ -81,6 +83,10 @@ class RunConfig:
             raise ValueError(f"unknown stage(s) {bad}; valid stages: {', '.join(STAGES)}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
+        for key in ("smoothquant_alpha", "kvsmooth_strength", "kvsmooth_v_alpha"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{key} must be in [0, 1]; got {value}")
 
 
 _SECTIONS = {f.name: f for f in fields(RunConfig)}

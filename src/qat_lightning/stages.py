@@ -221,7 +221,8 @@ def _method_model(ctx: RunContext, method: str, calib: list[dict]) -> nn.Module:
         return load_student(ctx, path)
     from qat_lightning.baselines import build_baseline
 
-    return build_baseline(method, teacher, cfg.quant, calib_batches=calib, alpha=cfg.smoothquant_alpha)
+    return build_baseline(method, teacher, cfg.quant, calib_batches=calib, alpha=cfg.smoothquant_alpha,
+                          strength=cfg.kvsmooth_strength, v_alpha=cfg.kvsmooth_v_alpha)
 
 
 def stage_evaluate(ctx: RunContext) -> dict[str, dict[str, float]]:
@@ -297,6 +298,8 @@ def _cached_scores(ctx: RunContext, method: str, calib: list[dict], heldout: lis
         base["quant"] = asdict(cfg.quant)
     if method in CALIBRATED_METHODS:
         base.update(calib=batches_digest(calib), alpha=cfg.smoothquant_alpha)
+    if method == "kvsmooth":
+        base.update(strength=cfg.kvsmooth_strength, v_alpha=cfg.kvsmooth_v_alpha)
     teacher, tokenizer = ctx.teacher()
     model = None
     metrics: dict[str, float] = {}

@@ -168,7 +168,8 @@ def train_student(ctx) -> DistillationModule:
         from qat_lightning.baselines import kv_smooth_model
 
         # flattened key channels: per-token KV quantization starts far closer to the teacher (exact in FP)
-        base = kv_smooth_model(teacher, sample_batches(dm, "train", cfg.calib_batches))
+        base = kv_smooth_model(teacher, sample_batches(dm, "train", cfg.calib_batches),
+                               strength=cfg.kvsmooth_strength, v_alpha=cfg.kvsmooth_v_alpha)
     elif cfg.init == "gptq":
         from qat_lightning.baselines.gptq import gptq_weights
 
