@@ -356,7 +356,7 @@ def key_outlier_llama(factor: float = 20.0) -> nn.Module:
 @pytest.mark.parametrize("v_alpha", [None, 0.5])
 def test_kv_smoothing_keeps_fp_logits_and_flattens_key_pairs(v_alpha):
     from qat_lightning.baselines import kv_smooth_model
-    from qat_lightning.baselines.kv_smooth import collect_key_absmax
+    from qat_lightning.baselines.kv_smooth import collect_output_absmax
 
     teacher, batches = key_outlier_llama(), calib()
     smoothed = kv_smooth_model(teacher, batches, v_alpha=v_alpha)
@@ -368,7 +368,7 @@ def test_kv_smoothing_keeps_fp_logits_and_flattens_key_pairs(v_alpha):
     k_new, k_old = smoothed.model.layers[0].self_attn.k_proj.weight, teacher.model.layers[0].self_attn.k_proj.weight
     assert not torch.equal(k_new, k_old)
     hd = 16
-    before, after = collect_key_absmax(teacher, batches), collect_key_absmax(smoothed, batches)
+    before, after = collect_output_absmax(teacher, batches), collect_output_absmax(smoothed, batches)
     for m0, m1 in zip(before, after):
         pair = m1.view(-1, 2, hd // 2).amax(dim=1)  # (n_kv, hd/2) pair ranges after smoothing
         assert torch.allclose(pair, pair.mean().expand_as(pair), rtol=1e-4)  # all equal

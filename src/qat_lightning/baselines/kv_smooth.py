@@ -30,7 +30,7 @@ from qat_lightning.baselines.calibration import (
 )
 from qat_lightning.quant import QuantConfig, quantize_model
 
-__all__ = ["collect_key_absmax", "key_scales", "kv_smooth", "kv_smooth_model", "scale_query_key"]
+__all__ = ["collect_output_absmax", "key_scales", "kv_smooth", "kv_smooth_model", "scale_query_key"]
 
 
 def key_scales(key_absmax: torch.Tensor, head_dim: int, strength: float = 1.0) -> torch.Tensor:
@@ -48,7 +48,7 @@ def key_scales(key_absmax: torch.Tensor, head_dim: int, strength: float = 1.0) -
     live = m > 0
     if not live.any():
         return torch.ones_like(m)
-    s = (m / m[live].mean()).pow(strength)
+    s = (m / m[live].mean()).pow(strength).clamp_min(1e-5)  # the SmoothQuant clamp: 1/s stays finite
     return torch.where(live, s, torch.ones_like(s))
 
 
@@ -70,7 +70,7 @@ def scale_query_key(attn: nn.Module, config: Any, s: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def collect_key_absmax(model: nn.Module, calib_batches: list[dict], proj: str = "k_proj") -> list[torch.Tensor]:
+def collect_output_absmax(model: nn.Module, calib_batches: list[dict], proj: str = "k_proj") -> list[torch.Tensor]:
     """Per layer, the max |`proj` output| per channel over the real calibration tokens: [(n_kv*hd,)]."""
     batches = check_calib_batches(calib_batches)
     device = _device(model)
@@ -116,8 +116,8 @@ def kv_smooth_model(
     from qat_lightning.baselines.smoothquant import _smooth_vo
 
     model = copy.deepcopy(teacher)
-    key_absmax = collect_key_absmax(model, calib_batches)
-    value_absmax = collect_key_absmax(model, calib_batches, "v_proj") if v_alpha is not None else None
+    key_absmax = collect_output_absmax(model, calib_batches)
+    value_absmax = collect_output_absmax(model, calib_batches, "v_proj") if v_alpha is not None else None
     n_heads, n_kv, hd = attention_heads(model.config)
     for i, layer in enumerate(decoder_layers(model)):
         scale_query_key(layer.self_attn, model.config, key_scales(key_absmax[i], hd, strength))
