@@ -32,7 +32,7 @@ ABLATIONS: dict[str, list[str]] = {
     "context": ["+ablation=context_128,context_512"],
     # run-to-run spread: the same base run with other data orders and held-out splits
     "seed": ["data.seed=0,1,2"],
-    "bits": ["quant=w4a8kv4,w4a8kv8,w4a6,w8a8kv4,w8a8kv8,w4,w2"],
+    "bits": ["quant=w4a8kv4,w4a8kv8,w4a6,w8a8kv4,w8a8kv8,w4,w2,w2seq"],
     "corpus_size": ["generation.num_sequences=64,128,256,1024"],
     # the W4A8KV4 recipe on a 1024-sequence corpus: lr at a fixed 100 steps, then steps at the chosen lr
     "lr": ["generation.num_sequences=1024", "generation.batch_size=64", "trainer.max_steps=100",

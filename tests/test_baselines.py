@@ -142,7 +142,10 @@ SPECS = [
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=["w4-channel", "w3-channel", "w4-group16"])
+SEQ2 = QuantSpec(bits=2, estimator="seq")  # the reference's 2-bit grid: levels (code + 0.5) * mean|row|
+
+
+@pytest.mark.parametrize("spec", [*SPECS, SEQ2], ids=["w4-channel", "w3-channel", "w4-group16", "w2-seq"])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_layer_error_not_worse_than_rtn(spec, act_order):
     x = correlated_inputs()
@@ -165,6 +168,16 @@ def test_gptq_weights_lie_on_the_rtn_grid(spec):
     assert codes.round().abs().max() <= spec.qmax
     assert torch.equal(fake_quantize(q, spec, scale=scale), q)  # the fixed-scale quantizer leaves it alone
     assert not torch.equal(q, fake_quantize(w, spec))  # GPTQ did not just round to nearest
+
+
+def test_gptq_on_the_seq_grid_uses_half_integer_levels():
+    x, w = correlated_inputs(), torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    q = gptq_weight(w, input_hessian(x), SEQ2, block_size=16)
+    scale = w.abs().mean(dim=-1, keepdim=True)  # (32, 1): the seq step of the original rows
+    levels = q / scale
+    assert torch.allclose(levels, levels.floor() + 0.5, atol=1e-4), "not on the levels (k + 0.5) * scale"
+    assert levels.abs().max() <= 1.5 + 1e-4
+    assert torch.equal(fake_quantize(q, SEQ2, scale=scale), q)  # already on the grid
 
 
 def test_gptq_block_size_does_not_change_result():

@@ -71,6 +71,10 @@ CONFIGS = {
         w_bits=4, a_bits=8, kv_bits=4, kv_granularity="head", w_granularity="group", w_group_size=32
     ),
     "w3a16kv16": dict(w_bits=3, a_bits=16, kv_bits=16),
+    # the reference's 2-bit quantizer (levels ±0.5, ±1.5 times mean|row|), down_proj kept at 4 bits MinMax
+    "w2seq_a8kv4": dict(
+        w_bits=2, a_bits=8, kv_bits=4, w_estimator="seq", overrides=[{"pattern": "down_proj", "w_bits": 4}]
+    ),
 }
 
 

@@ -249,11 +249,29 @@ def test_setting_names():
         ({"overrides": [{"w_bits": 4}]}, "pattern"),
         ({"overrides": [{"pattern": "(", "w_bits": 4}]}, "regex"),
         ({"overrides": [{"pattern": "q_proj", "w_bits": 12}]}, "w_bits"),
+        ({"w_estimator": "mse"}, "w_estimator"),
+        ({"estimator": "seq", "w_bits": 2}, "w_estimator=seq"),
+        ({"w_estimator": "seq", "w_bits": 2, "lsq": True}, "lsq"),
+        ({"w_estimator": "seq", "w_bits": 2, "w_symmetric": False}, "seq"),
     ],
 )
 def test_bad_config_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantConfig(**kwargs)
+
+
+def test_seq_weights_at_2_bits_only(model):
+    """w_estimator=seq is the reference's 2-bit quantizer; other widths (overrides) and A/KV keep MinMax."""
+    cfg = QuantConfig(w_bits=2, w_estimator="seq", overrides=[{"pattern": "down_proj", "w_bits": 4}])
+    student = quantize_model(model, cfg)
+    layer = student.model.layers[0]
+    assert layer.self_attn.q_proj.weight_spec.estimator == "seq"
+    assert layer.mlp.down_proj.weight_spec.estimator == "minmax" and layer.mlp.down_proj.weight_spec.bits == 4
+    assert layer.self_attn.q_proj.act_spec.estimator == "minmax"
+    w = layer.self_attn.q_proj.weight
+    step = w.abs().mean(dim=-1, keepdim=True)  # (out, 1)
+    levels = layer.self_attn.q_proj.quantized_weight() / step
+    assert torch.allclose(levels, levels.floor() + 0.5, atol=1e-5)
 
 
 def test_group_size_checked_at_quantize_model(model):

@@ -335,3 +335,44 @@ def test_group_size_must_divide_last_dim():
         fake_quantize(torch.randn(4, 30), QuantSpec(bits=4, granularity="group", group_size=8))
     with pytest.raises(ValueError, match="does not divide"):
         fake_quantize(torch.randn(2, 3, 30), QuantSpec(bits=4, granularity="head", head_dim=16))
+
+
+# ---- the reference's 2-bit quantizer ("seq") ------------------------------------------------------------
+SEQ2 = QuantSpec(bits=2, estimator="seq")
+
+
+def test_seq_2bit_by_hand():
+    x = torch.tensor([[0.1, -0.3, 0.6, -1.2]])  # mean|x| = 0.55; x / 0.55 = 0.18, -0.55, 1.09, -2.18
+    expected = torch.tensor([[0.5, -0.5, 1.5, -1.5]]) * 0.55  # nearest of (k + 0.5) * 0.55, k = -2..1
+    assert torch.allclose(fake_quantize(x, SEQ2), expected, atol=1e-7)
+    q, scale, zero = quantize_to_int(x, SEQ2)
+    assert q.tolist() == [[0, -1, 1, -2]] and q.dtype == torch.int8
+    assert torch.allclose(scale, torch.tensor([[0.55]])) and zero.tolist() == [[-0.5]]
+
+
+@pytest.mark.parametrize("granularity", ["channel", "group", "tensor"])
+def test_seq_matches_the_reference_formula(granularity):
+    """Independent: the reference's levels {±0.25, ±0.75}·α, α = 2·mean|w| per row, nearest level."""
+    spec = QuantSpec(bits=2, estimator="seq", granularity=granularity, group_size=8)
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    rows = {"channel": w, "group": w.reshape(16, 4, 8), "tensor": w.reshape(1, -1)}[granularity]
+    alpha = 2 * rows.abs().mean(dim=-1, keepdim=True)
+    grid = torch.tensor([-0.75, -0.25, 0.25, 0.75])  # (4,)
+    candidates = grid * alpha.unsqueeze(-1)  # (..., 1, 4)
+    nearest = (rows.unsqueeze(-1) - candidates).abs().argmin(dim=-1, keepdim=True)
+    reference = candidates.expand(*rows.shape, 4).gather(-1, nearest).squeeze(-1).reshape(w.shape)
+    out = fake_quantize(w, spec)
+    assert torch.allclose(out, reference, atol=1e-6)
+    q, scale, zero = quantize_to_int(w, spec)
+    assert q.min() >= -2 and q.max() <= 1
+    assert torch.equal(dequantize(q, scale, zero, spec), out)
+    assert torch.equal(dequantize(q, scale, None, spec), out)  # the exporter stores no zero points
+
+
+def test_seq_straight_through_gradient_and_validation():
+    w = torch.randn(4, 8, requires_grad=True)
+    fake_quantize(w, SEQ2).backward(torch.ones(4, 8))
+    assert torch.equal(w.grad, torch.ones(4, 8))
+    for bad in ({"bits": 4}, {"symmetric": False}):
+        with pytest.raises(ValueError, match="seq"):
+            QuantSpec(**{"bits": 2, "estimator": "seq", **bad})

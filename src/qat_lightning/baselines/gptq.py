@@ -27,7 +27,7 @@ from qat_lightning.baselines.calibration import (
     decoder_layers,
     forward_layer,
 )
-from qat_lightning.quant import QuantConfig, QuantSpec, compute_scale_zero, quantize_model
+from qat_lightning.quant import QuantConfig, QuantSpec, compute_scale_zero, quantize_model, round_to_grid
 
 __all__ = ["gptq", "gptq_weight", "input_hessian", "weights_prequantized_config"]
 
@@ -112,7 +112,7 @@ def gptq_weight(
         for i in range(i2 - i1):
             col = w1[:, i]  # (out,)
             j = i1 + i
-            q = torch.round(col * inv_scale[:, j]).add_(zero[:, j]).clamp_(spec.qmin, spec.qmax)  # (out,)
+            q = round_to_grid(col * inv_scale[:, j], zero[:, j], spec)  # (out,) codes
             codes[:, j] = q
             err = (col - (q - zero[:, j]) * scale[:, j]) / hinv1[i, i]  # (out,)
             w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)  # spread onto later columns of the block

@@ -15,6 +15,7 @@ from qat_lightning.quant.primitives import (
     fake_quantize,
     group_view,
     quantize_to_int,
+    round_to_grid,
 )
 from qat_lightning.quant.spec import QuantConfig, QuantSpec
 
@@ -33,5 +34,6 @@ __all__ = [
     "quantization_enabled",
     "quantize_model",
     "quantize_to_int",
+    "round_to_grid",
     "set_quantization_enabled",
 ]

@@ -12,6 +12,9 @@ Conventions (match torchao's `choose_qparams_affine` / `quantize_affine` / `dequ
   ``lo = min(min x, 0)``, ``hi = max(max x, 0)``, ``scale = (hi - lo) / (2^b - 1)``,
   ``zero_point = round(-lo / scale)``, ``q = clamp(round(x / scale) + zero_point, 0, 2^b - 1)``.
 * ``x / scale`` is computed as ``x * (1 / scale)`` (faster; what torchao does); rounding is half-to-even.
+* "seq" (the reference's 2-bit quantizer): ``scale = mean|x|``, codes ``clamp(floor(x / scale), -2, 1)``
+  stand for the levels ``code + 0.5`` (no zero level): a zero point of -0.5, so ``(q - zero_point) * scale``
+  decodes it like any other grid.
 * scales are clamped to ``torch.finfo(dtype).tiny`` so zero rows give zeros, never NaN/inf.
 * everything runs in the input dtype; the output has the input's dtype and shape.
 """
@@ -31,6 +34,7 @@ __all__ = [
     "group_view",
     "lsq_grad_scale",
     "quantize_to_int",
+    "round_to_grid",
 ]
 
 
@@ -72,10 +76,19 @@ def _range(xg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tenso
     return lo, hi
 
 
+SEQ_ZERO_POINT = -0.5  # "seq" codes -2..1 stand for the levels code + 0.5
+
+
 def _scale_zero(xg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (and zero point, None when symmetric) for an already grouped view."""
-    lo, hi = _range(xg, spec)
     eps = torch.finfo(xg.dtype).tiny
+    if spec.estimator == "seq":
+        flat = xg.reshape(1, -1) if spec.granularity == "tensor" else xg
+        scale = flat.abs().mean(dim=-1, keepdim=True).clamp_(min=eps)
+        if spec.granularity == "tensor":
+            scale = scale.reshape([1] * xg.dim())
+        return scale, None  # symmetric; its constant zero point SEQ_ZERO_POINT is applied where codes decode
+    lo, hi = _range(xg, spec)
     if spec.symmetric:
         amax = torch.maximum(lo.neg(), hi)
         return amax.div_(spec.qmax).clamp_(min=eps), None
@@ -92,17 +105,37 @@ def compute_scale_zero(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
     """
     with torch.no_grad():
         scale, zero_point = _scale_zero(group_view(x, spec), spec)
-    return scale, torch.zeros_like(scale) if zero_point is None else zero_point
+    return scale, _full_zero_point(scale, zero_point, spec)
+
+
+def _full_zero_point(scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """The zero point as a tensor like `scale`: zeros (symmetric), -0.5 ("seq") or the asymmetric one."""
+    if zero_point is not None:
+        return zero_point
+    return torch.full_like(scale, SEQ_ZERO_POINT if spec.estimator == "seq" else 0.0)
+
+
+def round_to_grid(t: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes (as floats) of `t = x / scale`, clamped to the spec's levels; in place on `t`.
+
+    Round-to-nearest plus the zero point, or for "seq" the floor (nearest of the levels code + 0.5).
+    GPTQ rounds its columns with this, so its grid is the fake quantizer's grid.
+    """
+    return _round(t, zero_point, spec).clamp_(spec.qmin, spec.qmax)
+
+
+def _round(t: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    if spec.estimator == "seq":
+        return t.floor_()
+    t.round_()
+    return t if zero_point is None else t.add_(zero_point)
 
 
 def _codes(
     xg: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec, with_mask: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Unshifted integer levels (as floats) and, optionally, the in-range mask (before clamping)."""
-    q = xg * scale.reciprocal()
-    q.round_()
-    if zero_point is not None:
-        q.add_(zero_point)
+    """Integer codes (as floats) and, optionally, the in-range mask (before clamping)."""
+    q = _round(xg * scale.reciprocal(), zero_point, spec)
     mask = ((q >= spec.qmin) & (q <= spec.qmax)) if with_mask else None
     return q.clamp_(spec.qmin, spec.qmax), mask
 
@@ -124,6 +157,8 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         q, mask = _codes(xg, scale, zero_point, spec, with_mask=clipping)
         if zero_point is not None:
             q.sub_(zero_point)
+        elif spec.estimator == "seq":
+            q.sub_(SEQ_ZERO_POINT)
         y = q.mul_(scale).reshape(x.shape)
         if spec.ste_mask is not None:
             keep = x.abs() < spec.ste_mask
@@ -236,7 +271,7 @@ def quantize_to_int(
                 zero_point = torch.round(_range(xg, spec)[0].clamp(max=0).neg() / scale).clamp_(0, spec.qmax)
         q, _ = _codes(xg, scale, zero_point, spec, with_mask=False)
         dtype = torch.int8 if spec.symmetric else torch.uint8
-        zero_point = torch.zeros_like(scale) if zero_point is None else zero_point
+        zero_point = _full_zero_point(scale, zero_point, spec)
         return q.reshape(x.shape).to(dtype), scale, zero_point
 
 
@@ -245,4 +280,6 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
     qg = group_view(q, spec).to(scale.dtype)
     if zero_point is not None:
         qg = qg - zero_point
+    elif spec.estimator == "seq":  # symmetric codes stored without zero points (the exporter)
+        qg = qg - SEQ_ZERO_POINT
     return (qg * scale).reshape(q.shape)

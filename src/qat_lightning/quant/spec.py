@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 Granularity = Literal["tensor", "channel", "group", "token", "head"]
 GRANULARITIES = ("tensor", "channel", "group", "token", "head")
-ESTIMATORS = ("minmax", "clip")
+ESTIMATORS = ("minmax", "clip", "seq")
 DISABLED_BITS = 16  # any bit width >= 16 means "keep full precision"
 _OVERRIDE_KEYS = {"pattern", "w_bits", "a_bits", "kv_bits", "skip"}
 
@@ -54,6 +54,9 @@ class QuantSpec:
             the extra negative level -2^(b-1) (4-bit: -8..7) with the same scale max|x| / (2^(b-1)-1).
         estimator: "minmax" keeps outliers (range = max|x|); "clip" clips the range to the
             `clip_percentile` quantile of |x| per scale group (an ablation; outliers are saturated).
+            "seq" is the reference's 2-bit weight quantizer (ParetoQ calls it SEQ): four levels
+            {-1.5, -0.5, 0.5, 1.5}·s with s = mean|x| per scale group (the reference writes them
+            {±0.25, ±0.75}·α with α = 2·mean|x|); there is no zero level. 2 bits, symmetric only.
         clip_percentile: quantile in (0, 1] used by the "clip" estimator.
         ste_mask: zero gradients where |x| >= ste_mask (the reference uses 2.0); None is a plain STE.
         learnable: LSQ learnable scale (weights only, symmetric, per channel); initialised from MinMax.
@@ -88,6 +91,10 @@ class QuantSpec:
             raise ValueError("learnable (LSQ) scales need symmetric=True")
         if self.learnable and self.granularity not in ("channel", "tensor"):
             raise ValueError(f"learnable (LSQ) scales need granularity 'channel' or 'tensor', got {self.granularity!r}")
+        if self.estimator == "seq" and self.enabled and (self.bits != 2 or not self.symmetric):
+            raise ValueError(
+                f"estimator 'seq' is the 2-bit symmetric quantizer; got bits={self.bits}, symmetric={self.symmetric}"
+            )
         if self.learnable and self.estimator != "minmax":
             raise ValueError("learnable (LSQ) scales are initialised from MinMax; use estimator='minmax'")
 
@@ -100,6 +107,8 @@ class QuantSpec:
         """Smallest integer level."""
         if not self.symmetric:
             return 0
+        if self.estimator == "seq":  # codes -2..1 stand for levels code + 0.5
+            return -(2 ** (self.bits - 1))
         return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
 
     @property
@@ -135,6 +144,8 @@ class QuantConfig:
     kv_symmetric: bool | None = None
     narrow_range: bool = True
     estimator: str = "minmax"
+    w_estimator: str | None = None  # the weights' estimator; null: `estimator`. "seq" applies to 2-bit weights
+    #                                 only (the reference's 2-bit quantizer); weights at other widths use `estimator`
     clip_percentile: float = 0.999
     ste_mask: float | None = None
     lsq: bool = False
@@ -151,6 +162,12 @@ class QuantConfig:
             raise ValueError(f"a_granularity must be tensor or token, got {self.a_granularity!r}")
         if self.kv_granularity not in ("tensor", "token", "head"):
             raise ValueError(f"kv_granularity must be tensor, token or head, got {self.kv_granularity!r}")
+        if self.w_estimator is not None and self.w_estimator not in ESTIMATORS:
+            raise ValueError(f"unknown w_estimator {self.w_estimator!r}; expected one of {ESTIMATORS} or null")
+        if self.estimator == "seq":
+            raise ValueError("estimator 'seq' is a 2-bit weight quantizer: set w_estimator=seq, not estimator")
+        if self.w_estimator == "seq" and self.lsq:
+            raise ValueError("w_estimator 'seq' has no learnable step here; use lsq=false")
         self.overrides = [self._check_override(i, o) for i, o in enumerate(self.overrides or [])]
         # Build one spec of each kind so every remaining bad combination fails now, not mid-model.
         self.weight_spec("")
@@ -190,13 +207,17 @@ class QuantConfig:
 
     def weight_spec(self, name: str) -> QuantSpec:
         r = self._resolve(name)
+        bits = DISABLED_BITS if r["skip"] else r["w_bits"]
+        estimator = self.w_estimator or self.estimator
+        if estimator == "seq" and bits != 2:
+            estimator = self.estimator
         return QuantSpec(
-            bits=DISABLED_BITS if r["skip"] else r["w_bits"],
+            bits=bits,
             granularity=self.w_granularity,
             symmetric=_opt_bool(self.w_symmetric, self.symmetric),
             group_size=self.w_group_size,
             narrow_range=self.narrow_range,
-            estimator=self.estimator,
+            estimator=estimator,
             clip_percentile=self.clip_percentile,
             ste_mask=self.ste_mask,
             learnable=self.lsq,
