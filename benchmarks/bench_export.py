@@ -77,7 +77,7 @@ def wikitext2_ids(tokenizer) -> torch.Tensor | None:
 
 def _generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, quantized_cache: bool) -> float:
     """Seconds for one greedy `generate` of exactly `new_tokens` tokens (prefill included)."""
-    kw = {"past_key_values": QuantizedKVCache(model)} if quantized_cache else {}
+    kw = {"cache": QuantizedKVCache(model)} if quantized_cache else {}
     t = time.perf_counter()
     with torch.no_grad():
         model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, **kw)
@@ -115,7 +115,7 @@ def measured_kv_ratio(model: nn.Module, context: int, vocab: int) -> float:
     cache = QuantizedKVCache(model)
     ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, cache=cache, use_cache=True)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     fp16 = cfg.num_hidden_layers * context * 2 * cfg.num_key_value_heads * head_dim * 2

@@ -4,7 +4,9 @@
         --metric evaluate/{method}/wikitext2_ppl --out experiments/out/table
 
 Each run dir holds `results.json` and `.hydra/overrides.yaml`; rows are runs (labelled by their overrides),
-columns are methods. Failed runs (no results.json, or null metrics) are listed, not dropped.
+columns are methods. Failed runs (no results.json, or null metrics) are listed, not dropped. Runs scored on
+the zero-shot tasks (`evaluate.tasks=[zeroshot,...]`) also get the paper's table: per run and method the
+eight tasks, their average and WikiText-2 beside it (`paper_markdown`).
 """
 
 from __future__ import annotations
@@ -97,6 +99,52 @@ def markdown(methods: list[str], table: dict[str, dict[str, float | None]], metr
     return "\n".join(lines)
 
 
+# the paper's zero-shot columns: task, its metric in the average (eval/zeroshot.py PAPER_METRIC), header
+PAPER_COLUMNS = [("boolq", "acc", "BoolQ"), ("piqa", "acc_norm", "PIQA"), ("siqa", "acc", "SIQA"),
+                 ("hellaswag", "acc_norm", "HellaSwag"), ("winogrande", "acc", "WinoGrande"),
+                 ("arc_easy", "acc_norm", "ARC-e"), ("arc_challenge", "acc_norm", "ARC-c"),
+                 ("openbookqa", "acc_norm", "OBQA")]
+
+
+def paper_rows(runs: list[Path]) -> list[tuple[str, str, dict[str, float | None]]]:
+    """(run label, method, results of that method) for every method of every run with a `zeroshot_avg`."""
+    labels = run_labels(runs) if runs else {}
+    rows = []
+    for run in runs:
+        path = run / "results.json"
+        if not path.exists():
+            continue
+        results = json.loads(path.read_text())
+        methods = [k.split("/")[1] for k in results if k.startswith("evaluate/") and k.endswith("/zeroshot_avg")]
+        methods.sort(key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+        for method in methods:
+            prefix = f"evaluate/{method}/"
+            rows.append((labels[run], method, {k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)}))
+    return rows
+
+
+def paper_markdown(rows: list[tuple[str, str, dict[str, float | None]]]) -> str:
+    """The paper's layout: accuracy (%) on the eight tasks, their average ± its stderr, WikiText-2 beside it."""
+    head = [h for _, _, h in PAPER_COLUMNS] + ["Avg.", "Wiki2 ppl", "items/task"]
+    lines = ["Zero-shot accuracy (%; acc_norm for PIQA, HellaSwag, ARC-e, ARC-c, OBQA, acc otherwise)", "",
+             "| run | method | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    for label, method, m in rows:
+        cells = [pct(m.get(f"{task}_{metric}")) for task, metric, _ in PAPER_COLUMNS]
+        avg, se = m.get("zeroshot_avg"), m.get("zeroshot_avg_stderr")
+        cells.append(pct(avg) + (f" ± {100 * se:.1f}" if avg is not None and se is not None else ""))
+        ppl = m.get("wikitext2_ppl")
+        cells.append("-" if ppl is None else f"{ppl:.4g}")
+        counts = {m.get(f"{task}_n") for task, _, _ in PAPER_COLUMNS} - {None}
+        full = all(m.get(f"{task}_n") == m.get(f"{task}_n_total") for task, _, _ in PAPER_COLUMNS)
+        cells.append("full" if full else "/".join(f"{c:.0f}" for c in sorted(counts)) or "-")
+        lines.append(f"| {label} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(methods: list[str], table: dict[str, dict[str, float | None]], metric: str, out: Path) -> None:
     import matplotlib
 
@@ -126,15 +174,20 @@ def main() -> None:
                     "and evaluate/{method}/kl; the plot shows the first")
     ap.add_argument("--out", type=Path, default=None, help="write <out>.md and <out>.png")
     args = ap.parse_args()
-    metrics = args.metric or ["evaluate/{method}/wikitext2_ppl", "evaluate/{method}/kl"]
-    for metric in metrics:
+    for metric in args.metric or []:
         if "{method}" not in metric:
             raise SystemExit(f"error: --metric must contain {{method}}, e.g. evaluate/{{method}}/kl (got {metric!r})")
     runs = find_runs(args.dirs)
     if not runs:
         raise SystemExit(f"error: no runs found under {', '.join(map(str, args.dirs))}")
+    zeroshot = paper_rows(runs)
+    # by default WikiText-2, then the zero-shot average when any run has it, then KL
+    metrics = args.metric or ["evaluate/{method}/wikitext2_ppl",
+                              *(["evaluate/{method}/zeroshot_avg"] if zeroshot else []), "evaluate/{method}/kl"]
     tables = [(metric, *collect(runs, metric)) for metric in metrics]
     text = "\n\n".join(markdown(methods, table, metric) for metric, methods, table, _ in tables)
+    if zeroshot:
+        text += "\n\n" + paper_markdown(zeroshot)
     failed = list(dict.fromkeys(f for *_, fails in tables for f in fails))
     if failed:
         text += "\n\nFailed or diverged runs:\n" + "\n".join(f"- {f}" for f in failed)

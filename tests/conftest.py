@@ -9,7 +9,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+CONF_DIR = REPO / "src" / "qat_lightning" / "conf"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -54,6 +54,10 @@ def compose(overrides: list[str]):
     """The real config, composed in-process; paths that would need a Hydra run are given explicitly."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+
+    from qat_lightning.config import register_configs
+
+    register_configs()
 
     defaults = {"paths.root_dir": "/tmp/qat-lightning-tests", "paths.output_dir": "/tmp/qat-lightning-tests/run"}
     given = {o.split("=", 1)[0] for o in overrides}

@@ -11,10 +11,11 @@ import transformers
 from torch import nn
 
 from qat_lightning.baselines import (
-    BASELINE_METHODS,
+    Method,
+    available_methods,
     awq,
     awq_search_scale,
-    build_baseline,
+    build_method,
     collect_input_absmax,
     gptq,
     gptq_weight,
@@ -24,6 +25,7 @@ from qat_lightning.baselines import (
     smoothquant,
 )
 from qat_lightning.quant import QuantConfig, QuantSpec, compute_scale_zero, fake_quantize, iter_quant_linears
+from qat_lightning.quant.kv import kv_quantizer_of
 
 VOCAB = 64
 
@@ -199,13 +201,15 @@ def test_gptq_student_beats_rtn_and_keeps_the_grid():
     for name, lin in iter_quant_linears(student):
         names.append(name)
         assert not lin.weight_spec.enabled and lin.act_spec.enabled  # weights pre-quantized, inputs RTN
-        assert lin.out_spec.enabled == name.endswith(("k_proj", "v_proj"))  # KV cache RTN
+        assert not lin.out_spec.enabled  # KV is quantized by each attention block's KV quantizer
         spec = qcfg.weight_spec(name)
         scale, _ = compute_scale_zero(fp[name].weight, spec)
         codes = lin.weight / scale
         assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.round().abs().max() <= spec.qmax, name
         assert torch.equal(lin.quantized_weight(), lin.weight)  # no re-quantization with new MinMax scales
     assert len(names) == 14
+    for layer in student.model.layers:
+        assert kv_quantizer_of(layer.self_attn).k_spec.enabled  # KV cache RTN
 
 
 def test_gptq_respects_group_size_and_skip_overrides():
@@ -291,24 +295,46 @@ def test_awq_block_output_error_not_worse_than_rtn():
         )
 
 
-# ---- registry ------------------------------------------------------------------------------------
-def test_build_baseline_runs_every_method_and_rejects_bad_input():
+# ---- method objects ------------------------------------------------------------------------------
+def test_every_method_builds_a_student_and_bad_input_is_refused():
     teacher, batches = tiny_llama(), calib(n=1)
     from omegaconf import OmegaConf
 
-    qcfg = OmegaConf.create({"w_bits": 4, "a_bits": 8, "kv_bits": 8})  # what the evaluate stage passes
+    qcfg = OmegaConf.create({"w_bits": 4, "a_bits": 8, "kv_bits": 8})  # a DictConfig works as well as a QuantConfig
     ids = batches[0]["input_ids"]
-    for method in BASELINE_METHODS:
-        model = build_baseline(method, teacher, qcfg, calib_batches=batches, alpha=0.5)
-        assert (model is teacher) == (method == "fp")
+    methods = available_methods()
+    assert {"fp", "rtn", "smoothquant", "gptq", "awq", "kvsmooth"} <= set(methods)
+    for name in methods:
+        method = build_method(name)
+        assert isinstance(method, Method) and method.name == name
+        model = method.build(teacher, qcfg, batches if method.needs_calibration else None)
+        assert (model is teacher) == (name == "fp")
         with torch.no_grad():
-            assert torch.isfinite(model(ids).logits).all(), method
-    with pytest.raises(ValueError, match="valid: fp, rtn, smoothquant, gptq, awq"):
-        build_baseline("omniquant", teacher, qcfg, calib_batches=batches)
+            assert torch.isfinite(model(ids).logits).all(), name
+    with pytest.raises(ValueError, match="unknown method 'omniquant'"):
+        build_method("omniquant")
     with pytest.raises(ValueError, match="needs calib_batches"):
-        build_baseline("gptq", teacher, qcfg)
-    with pytest.raises(ValueError, match="unknown baseline options"):
-        build_baseline("rtn", teacher, qcfg, alhpa=0.5)
+        build_method("gptq").build(teacher, qcfg)
+    with pytest.raises(ValueError, match="no parameter"):
+        build_method("smoothquant", {"alhpa": 0.5})
+    with pytest.raises(ValueError, match="percdamp"):
+        build_method("gptq", {"percdamp": 1.5})
+
+
+def test_method_build_is_transform_then_the_students_quantizers():
+    """The one interface: evaluate's student is `quantize_model(transform(teacher))` (GPTQ: weight quantizer
+    off, its weights are on the grid); `init=<method>` starts QAT from that same `transform`."""
+    from qat_lightning.quant import quantize_model
+
+    teacher, batches = tiny_llama(), calib(n=1)
+    qcfg = QuantConfig(w_bits=4, a_bits=8, kv_bits=8)
+    ids = batches[0]["input_ids"]
+    for name in ("rtn", "smoothquant", "kvsmooth", "awq"):
+        method = build_method(name)
+        by_hand = quantize_model(method.transform(teacher, qcfg, batches), qcfg)
+        with torch.no_grad():
+            torch.testing.assert_close(method.build(teacher, qcfg, batches)(ids).logits, by_hand(ids).logits,
+                                       rtol=0, atol=0)
 
 
 def test_gptq_with_padding_mask_matches_cut_batch():

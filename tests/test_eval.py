@@ -288,10 +288,22 @@ def test_smollm2_wikitext2_perplexity_is_that_of_a_trained_model(monkeypatch):
 
 
 def test_evaluate_model_runs_hellaswag_from_a_configured_file(tmp_path):
-    # the uniform model of test_acc_and_acc_norm_disagree...: acc picks "a" (index 0), acc_norm picks "éé" (index 3)
+    """`tasks=[hellaswag]` is lm-eval's hellaswag task over the configured file, with its limit.
+
+    The uniform model scores an ending of b bytes -(b + 1) log V (its leading space counts): acc picks the
+    shortest, "a" (index 0). The harness's acc_norm divides by the ending's characters: "ccc" (-4/3) beats
+    "éé" (-5/2; per byte it would win, -5/4), so this also checks characters, not bytes.
+    """
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'qat-lightning[eval]'")
     endings = ["a", "bb", "ccc", "éé"]
-    lines = ["X: ctx", "0", *endings, "Y: ctx", "3", *endings, "Z: ctx", "1", *endings]
+    lines = ["X: ctx", "0", *endings, "Y: ctx", "2", *endings, "Z: ctx", "1", *endings]
     path = write_bz2(tmp_path / "hs.txt.bz2", lines)
     cfg = EvalConfig(tasks=["hellaswag"], hellaswag_path=str(path), hellaswag_limit=2, batch_size=2)
     metrics = evaluate_model(Bigram(torch.zeros(259, 259)), ByteTokenizer(), cfg)
-    assert metrics == {"hellaswag_acc": 0.5, "hellaswag_acc_norm": 0.5}  # the third item is beyond the limit
+    # item X: acc right, acc_norm wrong; item Y: the reverse; the third item is beyond the limit
+    assert metrics == pytest.approx({
+        "hellaswag_acc": 0.5, "hellaswag_acc_norm": 0.5, "hellaswag_acc_stderr": 0.5,
+        "hellaswag_acc_norm_stderr": 0.5, "hellaswag_n": 2.0, "hellaswag_n_total": 3.0,
+    })  # stderr: the sample std of [1, 0] over sqrt(2), lm-eval's mean_stderr
+    three = EvalConfig(tasks=["hellaswag"], hellaswag_path=str(path), zeroshot_limit=3)  # overrides hellaswag_limit
+    assert evaluate_model(Bigram(torch.zeros(259, 259)), ByteTokenizer(), three)["hellaswag_n"] == 3

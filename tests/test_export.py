@@ -31,6 +31,7 @@ from qat_lightning.quant import (
     quantize_model,
     quantize_to_int,
 )
+from qat_lightning.quant.kv import kv_quantizer_of
 
 EXACT = {"scale_dtype": "float32", "fp_dtype": "float32"}  # nothing rounded: the export must be bit-faithful
 
@@ -238,19 +239,20 @@ def test_dequantized_weights_equal_packed(tmp_path, name):
 
     # activations and KV are still quantized per token: k_proj outputs lie on the KV grid, inputs on the A grid
     k_proj = cached.model.layers[0].self_attn.k_proj
+    kv_spec = kv_quantizer_of(cached.model.layers[0].self_attn).k_spec  # the export keeps the KV owner
     seen = []
     handle = k_proj.register_forward_hook(lambda m, i, o: seen.append((i[0].detach(), o.detach())))
     _logits(cached, ids)
     handle.remove()
     x, y = seen[0]
-    assert (fake_quantize(y, k_proj.out_spec) - y).abs().max().item() <= 1e-6 * y.abs().max().item()
+    assert (fake_quantize(y, kv_spec) - y).abs().max().item() <= 1e-6 * y.abs().max().item()
     raw = torch.nn.functional.linear(fake_quantize(x, k_proj.act_spec), k_proj.cached_weight)
-    assert (fake_quantize(raw, k_proj.out_spec) - raw).abs().max().item() > 1e-4 * raw.abs().max().item()
+    assert (fake_quantize(raw, kv_spec) - raw).abs().max().item() > 1e-4 * raw.abs().max().item()
     assert not torch.allclose(k_proj(x), torch.nn.functional.linear(x, k_proj.cached_weight))  # input quantized
 
     kw = dict(do_sample=False, max_new_tokens=10, pad_token_id=0)
-    gen_ref = packed.generate(ids[:, :5], past_key_values=QuantizedKVCache(packed), **kw)
-    assert torch.equal(cached.generate(ids[:, :5], past_key_values=QuantizedKVCache(cached), **kw), gen_ref)
+    gen_ref = packed.generate(ids[:, :5], cache=QuantizedKVCache(packed), **kw)
+    assert torch.equal(cached.generate(ids[:, :5], cache=QuantizedKVCache(cached), **kw), gen_ref)
 
     for m in mods.values():  # back to packed mode
         m.drop_cache()
@@ -365,7 +367,7 @@ def test_kv_cache_generation_equals_student(tmp_path, name):
     kw = dict(attention_mask=mask, do_sample=False, max_new_tokens=16, pad_token_id=0)
     ref = student.generate(ids, **kw)  # fake-quant student, ordinary FP cache of its quantized K/V
     cache = QuantizedKVCache(model)
-    out = model.generate(ids, past_key_values=cache, **kw)
+    out = model.generate(ids, cache=cache, **kw)
     assert torch.equal(out, ref)
     layer = cache.layers[0]
     assert layer.k_codes.dtype in (torch.uint8, torch.int8) and layer.v_codes.dtype in (torch.uint8, torch.int8)
@@ -380,10 +382,11 @@ def test_kv_cache_stores_the_pre_rope_training_codes():
     handle = k_proj.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
     cache = QuantizedKVCache(student)
     with torch.no_grad():
-        logits = student(ids, past_key_values=cache, use_cache=True).logits
-        step = student(ids[:, :1], past_key_values=cache, use_cache=True).logits  # one decode step at position 10
+        logits = student(ids, cache=cache, use_cache=True).logits
+        step = student(ids[:, :1], cache=cache, use_cache=True).logits  # one decode step at position 10
     handle.remove()
-    codes, _, _ = quantize_to_int(torch.cat(seen, dim=1), k_proj.out_spec)  # (B, 11, n_kv * head_dim)
+    k_spec = kv_quantizer_of(student.model.layers[1].self_attn).k_spec
+    codes, _, _ = quantize_to_int(torch.cat(seen, dim=1), k_spec)  # (B, 11, n_kv * head_dim)
     stored = unpack_int4(cache.layers[1].k_codes, codes.shape)
     assert torch.equal(stored, codes)
     full = _logits(student, torch.cat([ids, ids[:, :1]], dim=1))
@@ -391,7 +394,7 @@ def test_kv_cache_stores_the_pre_rope_training_codes():
     # the cache really feeds attention: a coarser cache spec changes the logits
     coarse = QuantizedKVCache(student, spec=QuantSpec(bits=2, granularity="token"))
     with torch.no_grad():
-        other = student(ids, past_key_values=coarse, use_cache=True).logits
+        other = student(ids, cache=coarse, use_cache=True).logits
     assert (other - logits).abs().max() > 1e-3
 
 
@@ -402,7 +405,7 @@ def test_kv_cache_bytes_at_kv4_and_kv8():
         student = quantize_model(model, QuantConfig(w_bits=16, a_bits=16, kv_bits=bits))
         cache = QuantizedKVCache(student)
         with torch.no_grad():
-            student(ids, past_key_values=cache, use_cache=True)
+            student(ids, cache=cache, use_cache=True)
         theory = theoretical_kv_bytes(student.config, 24, bits, batch=2)
         assert kv_cache_bytes(cache) == theory["quantized_bytes"]
         assert theory["fp16_bytes"] == 2 * 2 * 24 * 2 * 64 * 2  # layers * batch * T * (K, V) * width * 2 bytes

@@ -18,6 +18,7 @@ from qat_lightning.quant import (
     quantize_model,
     set_quantization_enabled,
 )
+from qat_lightning.quant.kv import kv_quantizer_of
 
 SIZES = dict(
     vocab_size=128,
@@ -67,7 +68,11 @@ def test_decoder_linears_replaced(model):
     for name, m in iter_quant_linears(student):
         assert m.weight_spec.bits == 4 and m.weight_spec.granularity == "channel"
         assert m.act_spec.bits == 8 and m.act_spec.granularity == "token"
-        assert m.out_spec.enabled == name.endswith(("k_proj", "v_proj"))
+        assert not m.out_spec.enabled  # the KV cache has its own owner, one per attention block
+    for layer in student.model.layers:
+        kvq = kv_quantizer_of(layer.self_attn)
+        assert kvq.placement == "pre_rope" and kvq.k_spec.bits == kvq.v_spec.bits == 4
+        assert kvq.k_spec.granularity == "token"
     assert type(student.lm_head) is nn.Linear and type(student.model.embed_tokens) is nn.Embedding
     summary = quant_summary(student)
     assert summary["num_quantized_linears"] == 14 and summary["w4_linears"] == 14 and summary["a8_linears"] == 14
@@ -95,7 +100,8 @@ def test_kv_bits_alone_change_logits(model, ids):
     student = quantize_model(model, QuantConfig(w_bits=16, a_bits=16, kv_bits=4))
     out = _logits(student, ids)
     assert not torch.equal(out, ref) and _rel_err(out, ref) < 0.5
-    assert quant_summary(student)["num_quantized_linears"] == 4  # only k_proj and v_proj
+    summary = quant_summary(student)
+    assert summary["num_quantized_linears"] == 0 and summary["kv_quantized"] == 4  # k and v of both layers
 
 
 def test_kv_output_is_quantized_per_token_before_rope(model, ids):
@@ -115,21 +121,22 @@ def test_kv_output_is_quantized_per_token_before_rope(model, ids):
 def test_kv_head_granularity(model, ids):
     head_dim = SIZES["hidden_size"] // SIZES["num_attention_heads"]
     student = quantize_model(model, QuantConfig(w_bits=16, a_bits=16, kv_bits=4, kv_granularity="head"))
-    spec = student.model.layers[0].self_attn.v_proj.out_spec
+    spec = kv_quantizer_of(student.model.layers[0].self_attn).v_spec
     assert spec.granularity == "head" and spec.head_dim == head_dim
     per_token = quantize_model(model, QuantConfig(w_bits=16, a_bits=16, kv_bits=4))
     assert not torch.equal(_logits(student, ids), _logits(per_token, ids))
 
 
 def test_quant_linear_forward_composition(model):
-    """y = fq_out(fq_act(x) @ fq_w(W).T + b): checked against the primitives composed by hand."""
+    """k = fq_kv(fq_act(x) @ fq_w(W).T + b): checked against the primitives composed by hand."""
     student = quantize_model(model, QuantConfig(w_bits=4, a_bits=4, kv_bits=4))
     layer = student.model.layers[0].self_attn.k_proj
+    kv_spec = kv_quantizer_of(student.model.layers[0].self_attn).k_spec
     x = torch.randn(2, 5, SIZES["hidden_size"])
     xq = fake_quantize(x, layer.act_spec)
     wq = fake_quantize(layer.weight, layer.weight_spec)
-    expected = fake_quantize(torch.nn.functional.linear(xq, wq, layer.bias), layer.out_spec)
-    assert torch.equal(layer(x), expected)
+    expected = fake_quantize(torch.nn.functional.linear(xq, wq, layer.bias), kv_spec)
+    assert torch.equal(layer(x), expected)  # the KV quantizer's hook on k_proj applies kv_spec
     # the weight grid: every row is a multiple of max|row| / 7
     w = layer.quantized_weight().detach()
     levels = w / (layer.weight.detach().abs().amax(-1, keepdim=True) / 7)
@@ -242,7 +249,7 @@ def test_setting_names():
         ({"w_granularity": "group"}, "group_size"),
         ({"w_granularity": "row"}, "w_granularity"),
         ({"a_granularity": "channel"}, "a_granularity"),
-        ({"kv_granularity": "group"}, "kv_granularity"),
+        ({"kv_granularity": "channel"}, "kv_granularity"),
         ({"estimator": "mse"}, "estimator"),
         ({"lsq": True, "w_symmetric": False}, "symmetric"),
         ({"overrides": [{"pattern": "q_proj", "bits": 4}]}, "unknown keys"),

@@ -1,6 +1,6 @@
 """`python -m qat_lightning +exp=NAME [overrides]`: compose the config, validate it, run its stages.
 
-With no `+exp`, the embedded default experiment (`smollm2_w4a8kv4`) runs: `conf/config.yaml` *is* that
+With no `+exp`, the embedded default experiment (`smollm2_w4a8kv4`) runs: `qat_lightning/conf/config.yaml` *is* that
 experiment, because Hydra refuses `+exp=` when `exp` sits in the primary defaults list.
 """
 
@@ -17,7 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# the configs ship inside the package, so `pip install .` and wheels run too (not only editable installs)
+CONF_DIR = "pkg://qat_lightning.conf"
 _JOB_OVERRIDES = "QAT_LIGHTNING_JOB_OVERRIDES"
 _JOB_DIR = "QAT_LIGHTNING_JOB_DIR"
 
@@ -65,9 +66,11 @@ def _end_job(env_before: dict[str, str | None]) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def run(cfg: DictConfig) -> None:
     from qat_lightning.config import ConfigError, validate_config
+    from qat_lightning.run.checks import check_run
 
     try:
         run_cfg = validate_config(cfg)
+        check_run(run_cfg)  # paths, data and sizes against the model's config: before any model loads
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -82,17 +85,6 @@ def run(cfg: DictConfig) -> None:
     if memo_key is not None and _replay_memo(ctx, memo_key):
         _end_job(env_before)
         return
-    if "evaluate" in run_cfg.stages:
-        from qat_lightning.eval.sources import require_sources
-
-        ev = run_cfg.evaluate
-        try:
-            require_sources(ev.tasks, {"wikitext2": ev.wikitext2_path, "c4": ev.c4_path,
-                                       "hellaswag": ev.hellaswag_path})
-        except FileNotFoundError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            _end_job(env_before)
-            sys.exit(2)
     try:
         run_stages(ctx)
     except Exception as err:
@@ -139,9 +131,15 @@ def _replay_memo(ctx, key: str) -> bool:
 
 
 def main() -> None:
-    from qat_lightning.config import register_configs
+    from qat_lightning.config import ConfigError, register_configs
+    from qat_lightning.run.checks import check_experiment_args
 
     _rewrite_argv_for_sweep_child()
+    try:  # Hydra would print its search path for an unknown experiment: name the ones there are instead
+        check_experiment_args(sys.argv[1:], Path(__file__).resolve().parent / "conf")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     register_configs()
     run()
 

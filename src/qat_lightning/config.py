@@ -7,6 +7,7 @@ value becomes one `ConfigError` line naming the key, and `__main__` exits with c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,7 +32,6 @@ from qat_lightning.models.config import ModelConfig
 from qat_lightning.quant.spec import QuantConfig
 
 STAGES = ("quantize", "generate", "train", "evaluate", "export")
-INITS = ("teacher", "smoothquant", "gptq", "kvsmooth")
 
 
 class ConfigError(ValueError):
@@ -55,10 +55,8 @@ class RunConfig:
     seed: int = 42
     ckpt_path: str | None = None  # "last" resumes from <run dir>/checkpoints/last.ckpt
     student_path: str | None = None  # a saved student (for evaluate/export without train)
-    init: str = "teacher"  # teacher | smoothquant | gptq | kvsmooth (see conf/config.yaml)
-    smoothquant_alpha: float = 0.5
-    kvsmooth_strength: float = 1.0  # how far key channel ranges are equalised (init=kvsmooth, kvsmooth baseline)
-    kvsmooth_v_alpha: float | None = None  # also smooth V against o_proj with this alpha; null leaves V alone
+    # the FP weights QAT starts from: "teacher", or any post-training method's transform (`methods.<name>`)
+    init: str = "teacher"
     calib_batches: int = 8
     # reuse the results of an identical finished run (same resolved config but logger/paths/name) instead of
     # running it again: sweeps that share a baseline run train it once (run_memo.py)
@@ -76,33 +74,43 @@ class RunConfig:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    # every post-training method with its parameters (`methods.gptq.percdamp=0.05`), by name: the nodes are
+    # the registered dataclasses of `baselines/` (see `register_configs`); validated into `Method` objects
+    methods: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ValueError(f"unknown stage(s) {bad}; valid stages: {', '.join(STAGES)}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
-        for key in ("smoothquant_alpha", "kvsmooth_strength", "kvsmooth_v_alpha"):
-            value = getattr(self, key)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"{key} must be in [0, 1]; got {value}")
+        if self.calib_batches < 1:
+            raise ValueError(f"calib_batches must be >= 1, got {self.calib_batches}")
+
+    def method(self, name: str):
+        """The configured `Method` object called `name` ("teacher" is the FP method)."""
+        return self.methods["fp" if name == "teacher" else name]
 
 
 _SECTIONS = {f.name: f for f in fields(RunConfig)}
 
 
 def _section_schema(name: str) -> Any:
-    return _SECTIONS[name].default_factory  # type: ignore[misc]
+    """The dataclass backing section `name`, or None for plain keys (and `methods`, built separately)."""
+    factory = getattr(_SECTIONS[name], "default_factory", None)
+    return factory if dataclasses.is_dataclass(factory) else None
 
 
 def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore (`schema/<group>`), for docs and `--cfg` users."""
+    """Put the schemas in Hydra's ConfigStore (`schema/<group>`, for docs and `--cfg` users) and every
+    registered method's dataclass as the `methods` node (`methods/all`, in config.yaml's defaults), so each
+    method parameter has one default, its dataclass's, and is overridable as `methods.<name>.<param>=...`."""
+    from qat_lightning.baselines import available_methods
+
     cs = ConfigStore.instance()
-    for name, f in _SECTIONS.items():
-        factory = getattr(f, "default_factory", None)
-        if isinstance(factory, type):
-            cs.store(group="schema", name=name, node=factory)
+    for name in _SECTIONS:
+        if (schema := _section_schema(name)) is not None:
+            cs.store(group="schema", name=name, node=schema)
+    methods = available_methods()
+    cs.store(group="methods", name="all", node={name: methods[name]() for name in sorted(methods)})
 
 
 def _one_line(err: Exception) -> str:
@@ -121,9 +129,8 @@ def validate_config(cfg: DictConfig | dict) -> RunConfig:
         raise ConfigError(f"unknown top-level config key(s) {unknown}")
     values: dict[str, Any] = {}
     for name, value in plain.items():
-        f = _SECTIONS[name]
-        factory = getattr(f, "default_factory", None)
-        if isinstance(factory, type):  # a section backed by its own dataclass
+        factory = _section_schema(name)
+        if factory is not None:  # a section backed by its own dataclass
             try:
                 node = OmegaConf.merge(OmegaConf.structured(factory), value or {})
                 values[name] = OmegaConf.to_object(node)
@@ -141,12 +148,42 @@ def validate_config(cfg: DictConfig | dict) -> RunConfig:
     for name, value in values.items():
         if name not in _plain():
             setattr(top, name, value)
+    top.methods = _build_methods(plain.get("methods") or {})
     _check_across_sections(top)
     return top
 
 
+def _build_methods(nodes: dict[str, Any]) -> dict[str, Any]:
+    """Every registered method as an object, with the parameters the config gives it."""
+    from qat_lightning.baselines import available_methods, build_method
+
+    if not isinstance(nodes, dict):
+        raise ConfigError(f"methods must be a mapping of method name to parameters, got {type(nodes).__name__}")
+    known = available_methods()
+    unknown = sorted(set(nodes) - set(known))
+    if unknown:
+        raise ConfigError(f"methods: unknown method(s) {unknown}; valid: {', '.join(sorted(known))}")
+    out = {}
+    for name in sorted(known):
+        params = nodes.get(name) or {}
+        try:
+            out[name] = build_method(name, params)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"methods.{name}: {_one_line(err)}") from None
+    return out
+
+
 def _check_across_sections(cfg: RunConfig) -> None:
     """Checks that need several sections at once (each section validates itself)."""
+    from qat_lightning.eval.config import TRAINED_METHODS
+
+    valid = [*sorted(cfg.methods), *TRAINED_METHODS]
+    bad = [m for m in cfg.evaluate.methods if m not in valid]
+    if bad:
+        raise ConfigError(f"unknown evaluate method(s) {bad}; valid: {', '.join(valid)}")
+    if cfg.init != "teacher" and cfg.init not in cfg.methods:
+        raise ConfigError(f"init must be teacher or a method ({', '.join(sorted(cfg.methods))}); got {cfg.init!r}")
+    _check_trained_student(cfg)
     if "export" in cfg.evaluate.methods and "evaluate" in cfg.stages:
         # the exported integer model is scored from disk: something must have written it before evaluate
         if "export" in cfg.stages and cfg.stages.index("export") > cfg.stages.index("evaluate"):
@@ -156,6 +193,28 @@ def _check_across_sections(cfg: RunConfig) -> None:
             raise ConfigError("evaluate.methods has 'export' but nothing is exported: add 'export' before "
                               "'evaluate' in stages, or set export.out_dir=<an export folder>")
     _check_no_eval_leak(cfg)
+
+
+def _check_trained_student(cfg: RunConfig) -> None:
+    """A `qat` score or an export must come from a trained student: this run's train stage, or student_path."""
+    def trained_before(stage: str) -> bool:
+        return "train" in cfg.stages and cfg.stages.index("train") < cfg.stages.index(stage)
+
+    needs = []
+    if "evaluate" in cfg.stages and "qat" in cfg.evaluate.methods and not trained_before("evaluate"):
+        needs.append("evaluate.methods has 'qat'")
+    if "export" in cfg.stages and not trained_before("export"):
+        needs.append("the export stage exports the trained student")
+    if needs and not cfg.student_path:
+        raise ConfigError(f"{needs[0]} but nothing is trained: add 'train' before it in stages, or set "
+                          f"student_path=<run dir>/student (an untrained student is the rtn method)")
+    if cfg.student_path:
+        from qat_lightning.distill.student_io import check_saved_student
+
+        try:
+            check_saved_student(cfg.student_path)
+        except FileNotFoundError as err:
+            raise ConfigError(f"student_path: {_one_line(err)}") from None
 
 
 def _check_no_eval_leak(cfg: RunConfig) -> None:
@@ -183,4 +242,4 @@ def _check_no_eval_leak(cfg: RunConfig) -> None:
 
 
 def _plain() -> set[str]:
-    return {n for n, f in _SECTIONS.items() if not isinstance(getattr(f, "default_factory", None), type)}
+    return {n for n in _SECTIONS if _section_schema(n) is None and n != "methods"}

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
+
+from qat_lightning.atomic import write_json_atomic
 
 RESULTS_FILE = "results.json"
 
@@ -21,20 +22,7 @@ def _check_key(key: str) -> None:
         raise ValueError(f"results key {key!r} must look like '<stage>/<method>/<metric>'")
 
 
-def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
-    """Write JSON to `path` through a temp file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+__all__ = ["RESULTS_FILE", "Results", "load_results", "write_json_atomic"]
 
 
 class Results:
@@ -52,6 +40,10 @@ class Results:
             value = float(value)
             # JSON has no NaN/inf: a diverged metric is recorded as null, not dropped.
             self.values[key] = value if math.isfinite(value) else None
+        write_json_atomic(self.path, self.values)
+
+    def write(self) -> None:
+        """Write the file as it is now (a run with nothing to record still leaves its results.json)."""
         write_json_atomic(self.path, self.values)
 
     def prefixed(self, stage: str, method: str, metrics: dict[str, float]) -> dict[str, float]:

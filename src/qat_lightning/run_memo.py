@@ -5,8 +5,8 @@ k, loss, quantizer and corpus-size sweeps each contain it. With `memo=true` it i
 sweeps copy its `results.json` (and say where it came from in `memo.json`).
 
 Two runs are identical when their resolved configs are equal, leaving out what does not change the
-numbers: `logger` (W&B group/tags), `paths`, `name` and `memo` itself. The package version is part of the
-key; delete `<paths.data_dir>/memo` to recompute after a change to the code.
+numbers: `logger` (W&B group/tags), `paths`, `name` and `memo` itself. The hash of the package's source is part
+of the key, so a code change is a new key (nothing to delete by hand).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qat_lightning import __version__
+from qat_lightning.fingerprint import source_hash
 from qat_lightning.results import RESULTS_FILE, write_json_atomic
 
 IGNORED_KEYS = ("logger", "paths", "name", "memo", "hydra")
@@ -25,7 +25,7 @@ IGNORED_KEYS = ("logger", "paths", "name", "memo", "hydra")
 def memo_key(resolved_cfg: dict[str, Any]) -> str:
     """The identity of a run: a hash of its resolved config without the keys that do not change results."""
     kept = {k: v for k, v in resolved_cfg.items() if k not in IGNORED_KEYS}
-    text = json.dumps([__version__, kept], sort_keys=True, default=str)
+    text = json.dumps([source_hash(), kept], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

@@ -13,7 +13,8 @@ Layers are walked in order with `forward_layer`, holding one layer's activations
 from __future__ import annotations
 
 import copy
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +27,12 @@ from qat_lightning.baselines.calibration import (
     decoder_layers,
     forward_layer,
 )
+from qat_lightning.baselines.method import Method, register
 from qat_lightning.baselines.smoothquant import fold_scales, smooth_groups
-from qat_lightning.quant import QuantConfig, QuantSpec, fake_quantize, quantize_model
-from qat_lightning.quant.api import KV_PROJECTIONS
+from qat_lightning.models.adapter import KV_PROJECTIONS, adapter_for
+from qat_lightning.quant import QuantConfig, QuantSpec, fake_quantize
 
-__all__ = ["awq", "awq_search_scale"]
+__all__ = ["AWQ", "awq", "awq_scaled_model", "awq_search_scale"]
 
 _OFF = QuantSpec(bits=16)
 
@@ -83,9 +85,33 @@ def awq_search_scale(
     return best_s, best_err, rtn_err
 
 
-@torch.no_grad()
 def awq(teacher: nn.Module, qcfg: QuantConfig | Any, calib_batches: list[dict], grid: int = 20) -> nn.Module:
-    """AWQ student of `teacher`: searched scales folded into the norms, then RTN of W/A/KV per `qcfg`.
+    """AWQ student of `teacher`: searched scales folded into the norms, then RTN of W/A/KV per `qcfg`."""
+    return AWQ(grid=grid).build(teacher, as_quant_config(qcfg), calib_batches)
+
+
+@register
+@dataclass
+class AWQ(Method):
+    """Activation-aware scales searched on `grid` exponents per group (`awq_scaled_model`), then RTN."""
+
+    name: ClassVar[str] = "awq"
+    needs_calibration: ClassVar[bool] = True
+    grid: int = 20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
+            raise ValueError(f"grid must be a positive int, got {self.grid!r}")
+
+    def transform(self, model: nn.Module, qcfg: Any, calib_batches: list[dict] | None) -> nn.Module:
+        return awq_scaled_model(model, qcfg, calib_batches, self.grid)
+
+
+@torch.no_grad()
+def awq_scaled_model(
+    teacher: nn.Module, qcfg: QuantConfig | Any, calib_batches: list[dict], grid: int = 20
+) -> nn.Module:
+    """A copy of `teacher` with AWQ's searched scales folded into the norms (FP logits unchanged).
 
     Args:
         teacher: HF causal LM with Llama-style decoder layers; not modified.
@@ -98,7 +124,7 @@ def awq(teacher: nn.Module, qcfg: QuantConfig | Any, calib_batches: list[dict], 
         raise ValueError(f"grid must be a positive int, got {grid!r}")
     batches = check_calib_batches(calib_batches)
     model = copy.deepcopy(teacher)
-    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    head_dim = adapter_for(model).head_dim
     inputs = capture_layer_inputs(model, batches)
     for i, layer in enumerate(decoder_layers(model)):
         groups = smooth_groups(layer)
@@ -111,12 +137,13 @@ def awq(teacher: nn.Module, qcfg: QuantConfig | Any, calib_batches: list[dict], 
             s, _, _ = awq_search_scale(torch.cat(xs[next(iter(linears))]), list(linears.values()), specs, grid)
             fold_scales(norm, list(linears.values()), s)
         inputs.hidden = outputs
-    return quantize_model(model, qcfg, inplace=True)
+    return model
 
 
 def _student_specs(qcfg: QuantConfig, name: str, head_dim: int) -> tuple[QuantSpec, QuantSpec, QuantSpec]:
     """(weight, input, output) specs `quantize_model` gives the linear `name` (output: KV for k/v_proj)."""
     if qcfg.is_skipped(name):
         return _OFF, _OFF, _OFF
-    kv = name.rsplit(".", 1)[-1] in KV_PROJECTIONS
+    # the search sees the KV quantizer where the student applies it: on k/v_proj outputs before RoPE
+    kv = name.rsplit(".", 1)[-1] in KV_PROJECTIONS and qcfg.kv_placement == "pre_rope"
     return qcfg.weight_spec(name), qcfg.act_spec(name), qcfg.kv_spec(name, head_dim) if kv else _OFF

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat_lightning.models.adapter import adapter_for
 from qat_lightning.quant import as_quant_config
 
 __all__ = [
@@ -54,20 +55,14 @@ def check_calib_batches(calib_batches: Any) -> list[dict]:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a HF causal LM (`model.model.layers`), the unit every baseline walks."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        name = type(model).__name__
-        raise ValueError(f"expected a HF causal LM with decoder layers at model.model.layers, got {name}")
-    return layers
+    """The decoder blocks of a HF causal LM, the unit every baseline walks (found by the model adapter)."""
+    return adapter_for(model).layers(model)
 
 
 def attention_heads(config: Any) -> tuple[int, int, int]:
     """(query heads, kv heads, head_dim) of a HF decoder config (GQA when kv heads < query heads)."""
-    n_heads = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    hd = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    return n_heads, n_kv, hd
+    ad = adapter_for(config)
+    return ad.num_heads, ad.num_kv_heads, ad.head_dim
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -27,9 +28,10 @@ from qat_lightning.baselines.calibration import (
     decoder_layers,
     forward_layer,
 )
-from qat_lightning.quant import QuantConfig, QuantSpec, compute_scale_zero, quantize_model, round_to_grid
+from qat_lightning.baselines.method import Method, register
+from qat_lightning.quant import QuantConfig, QuantSpec, compute_scale_zero, round_to_grid
 
-__all__ = ["gptq", "gptq_weight", "input_hessian", "weights_prequantized_config"]
+__all__ = ["GPTQ", "gptq", "gptq_weight", "input_hessian", "weights_prequantized_config"]
 
 # Inside one decoder layer, linears whose inputs are ready at the same time (execution order).
 SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
@@ -143,6 +145,35 @@ def _groups(names: list[str]) -> list[list[str]]:
     return [g for g in groups if g]
 
 
+def _check_options(block_size: Any, percdamp: Any) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not isinstance(percdamp, (int, float)) or not 0.0 <= percdamp < 1.0 or math.isnan(percdamp):
+        raise ValueError(f"percdamp must be in [0, 1), got {percdamp!r}")
+
+
+@register
+@dataclass
+class GPTQ(Method):
+    """GPTQ's weights (block_size, percdamp: Hessian damping, act_order: columns by descending Hessian
+    diagonal); the evaluated student keeps them as they are and quantizes activations and KV by RTN."""
+
+    name: ClassVar[str] = "gptq"
+    needs_calibration: ClassVar[bool] = True
+    block_size: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+
+    def __post_init__(self) -> None:
+        _check_options(self.block_size, self.percdamp)
+
+    def transform(self, model: nn.Module, qcfg: Any, calib_batches: list[dict] | None) -> nn.Module:
+        return gptq_weights(model, qcfg, calib_batches, self.block_size, self.percdamp, self.act_order)
+
+    def student_config(self, qcfg: Any) -> QuantConfig:
+        return weights_prequantized_config(as_quant_config(qcfg))
+
+
 def gptq(
     teacher: nn.Module,
     qcfg: QuantConfig | Any,
@@ -164,9 +195,7 @@ def gptq(
         The student (`quantize_model` of the GPTQ-weight model with `weights_prequantized_config(qcfg)`);
         `student.quant_config` is that config.
     """
-    qcfg = as_quant_config(qcfg)
-    model = gptq_weights(teacher, qcfg, calib_batches, block_size, percdamp, act_order)
-    return quantize_model(model, weights_prequantized_config(qcfg), inplace=True)
+    return GPTQ(block_size, percdamp, act_order).build(teacher, as_quant_config(qcfg), calib_batches)
 
 
 @torch.no_grad()
@@ -191,10 +220,7 @@ def gptq_weights(
         block_size, percdamp, act_order: see `gptq_weight`.
     """
     qcfg = as_quant_config(qcfg)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if not isinstance(percdamp, (int, float)) or not 0.0 <= percdamp < 1.0 or math.isnan(percdamp):
-        raise ValueError(f"percdamp must be in [0, 1), got {percdamp!r}")
+    _check_options(block_size, percdamp)
     batches = check_calib_batches(calib_batches)
     model = copy.deepcopy(teacher)
     inputs = capture_layer_inputs(model, batches)

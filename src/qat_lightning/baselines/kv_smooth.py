@@ -15,7 +15,8 @@ Constraints the scales respect:
 from __future__ import annotations
 
 import copy
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -28,9 +29,10 @@ from qat_lightning.baselines.calibration import (
     check_calib_batches,
     decoder_layers,
 )
-from qat_lightning.quant import QuantConfig, quantize_model
+from qat_lightning.baselines.method import Method, register
+from qat_lightning.quant import QuantConfig
 
-__all__ = ["collect_output_absmax", "key_scales", "kv_smooth", "kv_smooth_model", "scale_query_key"]
+__all__ = ["KVSmooth", "collect_output_absmax", "key_scales", "kv_smooth", "kv_smooth_model", "scale_query_key"]
 
 
 def key_scales(key_absmax: torch.Tensor, head_dim: int, strength: float = 1.0) -> torch.Tensor:
@@ -135,5 +137,25 @@ def kv_smooth(
     v_alpha: float | None = None,
 ):
     """Baseline: `kv_smooth_model`, then the student's RTN quantizers (`qcfg`, W/A/KV)."""
-    qcfg = as_quant_config(qcfg)
-    return quantize_model(kv_smooth_model(teacher, calib_batches, strength, v_alpha), qcfg, inplace=True)
+    return KVSmooth(strength=strength, v_alpha=v_alpha).build(teacher, as_quant_config(qcfg), calib_batches)
+
+
+@register
+@dataclass
+class KVSmooth(Method):
+    """Flattened key channels (`kv_smooth_model`), then RTN. strength: how far key pair ranges are
+    equalised (1: fully, 0: no-op); v_alpha: also smooth V against o_proj with this alpha (null: keys only)."""
+
+    name: ClassVar[str] = "kvsmooth"
+    needs_calibration: ClassVar[bool] = True
+    strength: float = 1.0
+    v_alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("strength", "v_alpha"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{key} must be in [0, 1]; got {value}")
+
+    def transform(self, model: nn.Module, qcfg: Any, calib_batches: list[dict] | None) -> nn.Module:
+        return kv_smooth_model(model, calib_batches, self.strength, self.v_alpha)

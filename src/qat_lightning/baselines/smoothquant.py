@@ -15,7 +15,8 @@ Norms must compute ``weight * x / rms(x)`` (Llama, Mistral, Qwen2); Gemma's ``(1
 from __future__ import annotations
 
 import copy
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -27,9 +28,10 @@ from qat_lightning.baselines.calibration import (
     collect_input_absmax,
 )
 from qat_lightning.baselines.calibration import decoder_layers as _decoder_layers
-from qat_lightning.quant import QuantConfig, quantize_model
+from qat_lightning.baselines.method import Method, register
+from qat_lightning.quant import QuantConfig
 
-__all__ = ["fold_scales", "smooth_groups", "smooth_model", "smoothing_scales", "smoothquant"]
+__all__ = ["SmoothQuant", "fold_scales", "smooth_groups", "smooth_model", "smoothing_scales", "smoothquant"]
 
 _MIN_SCALE = 1e-5  # the reference's clamp: keeps 1/s finite
 
@@ -135,5 +137,22 @@ def smoothquant(
     smooth_vo: bool = False,
 ) -> nn.Module:
     """SmoothQuant student: `smooth_model` then the student's RTN quantizers (`qcfg`, W/A/KV)."""
-    qcfg = as_quant_config(qcfg)
-    return quantize_model(smooth_model(teacher, calib_batches, alpha, smooth_vo), qcfg, inplace=True)
+    return SmoothQuant(alpha=alpha, smooth_vo=smooth_vo).build(teacher, as_quant_config(qcfg), calib_batches)
+
+
+@register
+@dataclass
+class SmoothQuant(Method):
+    """`smooth_model`'s rewrite (alpha: migration strength; smooth_vo: also v_proj -> o_proj), then RTN."""
+
+    name: ClassVar[str] = "smoothquant"
+    needs_calibration: ClassVar[bool] = True
+    alpha: float = 0.5
+    smooth_vo: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
+
+    def transform(self, model: nn.Module, qcfg: Any, calib_batches: list[dict] | None) -> nn.Module:
+        return smooth_model(model, calib_batches, self.alpha, self.smooth_vo)

@@ -51,7 +51,7 @@ class GenerationConfig:
     top_p: float = 1.0  # 1.0: off
     start_mode: str = "random"
     seed: int = 0
-    shard_size: int = 1024  # sequences per shard file (the unit of resume and of splitting across ranks)
+    shard_size: int = 64  # sequences per shard file (the unit of resume and of splitting across ranks)
     out_dir: str | None = None
     stop_at_eos: bool = True
 

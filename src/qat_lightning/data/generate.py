@@ -42,17 +42,14 @@ log = logging.getLogger(__name__)
 
 # ---- the core loop -------------------------------------------------------------------------------
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask all but the top-k / nucleus (top-p) tokens with -inf; both off by default."""
+    """Mask all but the top-k / nucleus (top-p) tokens with -inf (both off by default), with transformers'
+    own logits warpers, so our sampling means what `model.generate(top_k=..., top_p=...)` means."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
     if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (b, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = TopKLogitsWarper(top_k)(None, logits)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (b, V)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already reach top_p (the first one always stays)
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p  # (b, V)
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = TopPLogitsWarper(top_p)(None, logits)
     return logits
 
 
@@ -88,7 +85,7 @@ def generate_batch(
     row ends at its first EOS (kept as its last token) and is dropped from the batch and the KV cache.
 
     Args:
-        model: a causal LM taking `past_key_values` (HF `DynamicCache`); run in its current dtype/device.
+        model: a causal LM taking `cache` (HF `DynamicCache`); run in its current dtype/device.
         first_tokens: (B,) start token ids.
         ks: (B,) number of greedy tokens after the start token (hybrid only).
         cfg: the generation settings (strategy, max_length, temperature, top_k, top_p, stop_at_eos).
@@ -119,7 +116,7 @@ def generate_batch(
     cache = DynamicCache(config=model.config)
     token = first[:, None]  # (b, 1)
     for pos in range(1, length):
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].float()  # (b, V)
+        logits = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1].float()  # (b, V)
         nxt = logits.argmax(-1)  # (b,)
         to_sample = pos > greedy_until[rows]  # (b,)
         if bool(to_sample.any()):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from qat_lightning.atomic import write_bytes_atomic
 from qat_lightning.data.config import GenerationConfig
 
 META = "meta.json"
@@ -49,16 +49,6 @@ def config_hash(settings: dict, model_name: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to `<name>.tmp`, fsync, then rename over `path`: readers see the old file or the new one."""
-    tmp = path.with_suffix(".tmp") if path.suffix != ".json" else path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_meta(path: str | Path) -> dict | None:
     meta = Path(path) / META
     if not meta.exists():
@@ -67,7 +57,7 @@ def read_meta(path: str | Path) -> dict | None:
 
 
 def write_meta(path: str | Path, meta: dict) -> None:
-    _write_atomic(Path(path) / META, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(Path(path) / META, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
 
 
 def check_meta(existing: dict, wanted: dict, path: str | Path) -> None:
@@ -97,7 +87,7 @@ def write_shard(path: str | Path, index: int, sequences: list[list[int]], start:
         "config_hash": digest,
     }
     out = Path(path) / shard_name(index)
-    _write_atomic(out, st_save({"tokens": tokens, "offsets": offsets}, metadata=metadata))
+    write_bytes_atomic(out, st_save({"tokens": tokens, "offsets": offsets}, metadata=metadata))
     return out
 
 

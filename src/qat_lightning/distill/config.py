@@ -38,13 +38,13 @@ class LossConfig:
 class OptimConfig:
     """AdamW with a cosine schedule; LLaMA experiments use the paper's lr 2e-5, wd 0."""
 
-    lr: float = 2e-5
+    lr: float = 1e-4  # the defaults are conf/optim/small.yaml (the CPU default); the paper: optim=paper
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     scheduler: str = "cosine"  # cosine | constant
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.1
     total_steps: int | None = None  # None: trainer.max_steps, else estimated from the data
     # AdamW kernel: "fused" (one kernel over all tensors; faster than the per-tensor loop torch uses by
     # default on CPU: 0.68 -> 0.10 s per AdamW.step on SmolLM2's shapes in a one-off 1-thread check),
@@ -89,7 +89,7 @@ class StrategyConfig:
 class TrainerConfig:
     """The subset of `lightning.Trainer` arguments we expose (all passed through as is)."""
 
-    accelerator: str = "auto"
+    accelerator: str = "cpu"  # conf/trainer/cpu.yaml; trainer=gpu for GPUs
     devices: Any = 1
     num_nodes: int = 1
     precision: str = "32-true"
@@ -97,7 +97,7 @@ class TrainerConfig:
     max_epochs: int | None = 1
     gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
-    log_every_n_steps: int = 10
+    log_every_n_steps: int = 5
     val_check_interval: Any = None
     check_val_every_n_epoch: int | None = 1
     limit_train_batches: Any = None

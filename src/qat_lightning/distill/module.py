@@ -7,7 +7,6 @@ initialised from the full, unsharded weights.
 
 from __future__ import annotations
 
-import math
 import time
 
 import lightning as L
@@ -20,14 +19,6 @@ from qat_lightning.distill.losses import DistillationLoss
 
 class NonFiniteLossError(RuntimeError):
     """Raised (on every rank) when the loss is NaN/inf: the run stops before any checkpoint is written."""
-
-
-def cosine_schedule(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup, then cosine decay to `min_lr_ratio`."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class DistillationModule(L.LightningModule):
@@ -149,12 +140,17 @@ class DistillationModule(L.LightningModule):
         )
         if cfg.scheduler == "constant" and cfg.warmup_steps == 0:
             return optimizer
-        total = self._total_steps()
+        # transformers' schedulers (linear warmup from 0, then constant or a cosine down to min_lr_ratio * lr)
+        from transformers.optimization import (
+            get_constant_schedule_with_warmup,
+            get_cosine_with_min_lr_schedule_with_warmup,
+        )
+
         if cfg.scheduler == "constant":
-            fn = lambda step: min(1.0, (step + 1) / cfg.warmup_steps)
+            scheduler = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
         else:
-            fn = lambda step: cosine_schedule(step, total, cfg.warmup_steps, cfg.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+            scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+                optimizer, cfg.warmup_steps, self._total_steps(), min_lr_rate=cfg.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Evaluation: perplexity (WikiText-2, C4, any text), HellaSwag, KL/top-1 vs the teacher, lm-eval tasks.
+"""Evaluation: perplexity (WikiText-2, C4, any text), the paper's eight zero-shot tasks, KL/top-1, lm-eval tasks.
 
 `evaluate_model` is what the `evaluate` stage calls once per method; every method is scored the same way.
 """
@@ -21,7 +21,8 @@ from qat_lightning.eval.config import EvalConfig
 from qat_lightning.eval.hellaswag import HellaSwagItem, load_hellaswag, multiple_choice_accuracy, parse_hellaswag
 from qat_lightning.eval.lm_eval_adapter import QATLM, run_lm_eval
 from qat_lightning.eval.perplexity import perplexity, text_perplexity, tokenize_text
-from qat_lightning.eval.sources import load_text, resolve_path
+from qat_lightning.eval.sources import check_eval_data, load_text, resolve_path
+from qat_lightning.eval.zeroshot import ZEROSHOT_TASKS, expand_tasks, score_zeroshot, task_limits
 
 log = logging.getLogger("qat_lightning")
 
@@ -31,6 +32,8 @@ __all__ = [
     "QATLM",
     "TokenKL",
     "Top1Agreement",
+    "ZEROSHOT_TASKS",
+    "check_eval_data",
     "corpus_ids",
     "evaluate_model",
     "kl_and_agreement",
@@ -41,6 +44,7 @@ __all__ = [
     "perplexity",
     "resolve_path",
     "run_lm_eval",
+    "score_zeroshot",
     "text_perplexity",
     "tokenize_text",
 ]
@@ -80,23 +84,28 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Run `cfg.tasks` (and `cfg.lm_eval_tasks`) on `model`; returns plain floats keyed by metric name.
 
-    Metrics: `wikitext2_ppl`, `c4_ppl`, `text_ppl`, `hellaswag_acc`, `hellaswag_acc_norm`, `kl`,
-    `top1_agreement`, and `<task>_<metric>` from lm-eval. `kl` needs `teacher` and `heldout_batches`; without
-    them it is skipped with a warning (the other tasks still run).
+    Metrics: `wikitext2_ppl`, `c4_ppl`, `text_ppl`, `kl`, `top1_agreement`; for the zero-shot tasks
+    (`zeroshot` = all eight, or each by name, hellaswag included: lm-eval's task definitions over the local
+    files, see `eval.zeroshot`) `<task>_acc`, `<task>_acc_norm` (where the harness reports it), their
+    `_stderr`, `<task>_n`, `<task>_n_total` and, with all eight, `zeroshot_avg`; and `<task>_<metric>` from
+    `lm_eval_tasks`. `kl` needs `teacher` and `heldout_batches`; without them it is skipped with a warning.
     """
     cfg = _as_eval_config(cfg)
     paths = {"wikitext2": cfg.wikitext2_path, "c4": cfg.c4_path, "text": cfg.text_path}
     metrics: dict[str, float] = {}
+    zeroshot = expand_tasks(cfg.tasks)
     for task in cfg.tasks:
         if task in paths:
             ids = corpus_ids(tokenizer, task, paths[task])
             result = perplexity(model, ids, cfg.seq_len, batch_size=cfg.batch_size, max_windows=cfg.max_windows)
             metrics[f"{task}_ppl"] = float(result["ppl"])
-        elif task == "hellaswag":
-            items = load_hellaswag(cfg.hellaswag_path, cfg.hellaswag_limit)
-            result = multiple_choice_accuracy(model, tokenizer, items, batch_size=cfg.batch_size)
-            metrics["hellaswag_acc"] = float(result["acc"])
-            metrics["hellaswag_acc_norm"] = float(result["acc_norm"])
+        elif zeroshot and (task in ZEROSHOT_TASKS or task == "zeroshot"):
+            # all zero-shot tasks in one harness evaluation, where the first of them is listed
+            metrics.update(score_zeroshot(
+                model, tokenizer, zeroshot, limits=task_limits(zeroshot, cfg.zeroshot_limit, cfg.hellaswag_limit),
+                batch_size=cfg.zeroshot_batch_size, root=cfg.zeroshot_data_dir, hellaswag_path=cfg.hellaswag_path,
+            ))
+            zeroshot = []
         elif task == "kl":
             if teacher is None or not heldout_batches:
                 log.warning("evaluate task 'kl' skipped: it needs a teacher and held-out batches")

@@ -3,8 +3,8 @@
 Why: every job of an ablation sweep scores the same teacher and the same RTN student on the same text; on
 two CPU cores that is over a minute per job, repeated. A score is keyed by everything it depends on: the
 method, the model and quant configs, the calibration batches (by content), and per task its settings and
-data (the text file's path, size and mtime; the held-out KL batches by content). The package version is
-part of the key; delete the cache folder after changing evaluation code.
+data (the text file's path, size and mtime; the held-out KL batches by content), and the hash of the
+package's source code, so any code change invalidates every entry (no folder to delete by hand).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from qat_lightning import __version__
-from qat_lightning.eval.config import EvalConfig
+from qat_lightning.eval.config import ZEROSHOT_TASKS, EvalConfig
 from qat_lightning.eval.sources import resolve_path
+from qat_lightning.fingerprint import source_hash
 from qat_lightning.results import write_json_atomic
 
 # methods whose scores depend only on configs and data (QAT students and exports are never cached)
@@ -56,16 +56,33 @@ def task_parts(ev: EvalConfig, task: str, heldout: Sequence[dict] | None) -> dic
     """What one task's score depends on besides the model."""
     if task == "kl":
         return {"task": task, "kl_batches": ev.kl_batches, "heldout": batches_digest(heldout)}
-    if task == "hellaswag":
-        return {"task": task, "limit": ev.hellaswag_limit, "batch_size": ev.batch_size,
-                "file": file_identity(resolve_path("hellaswag", ev.hellaswag_path))}
+    if task in ZEROSHOT_TASKS or task == "zeroshot":
+        return zeroshot_parts(ev, task)
     path = ev.text_path if task == "text" else resolve_path(task, getattr(ev, f"{task}_path"))
     return {"task": task, "seq_len": ev.seq_len, "max_windows": ev.max_windows, "batch_size": ev.batch_size,
             "file": file_identity(path) or "hf-datasets"}
 
 
+def zeroshot_parts(ev: EvalConfig, task: str) -> dict[str, Any]:
+    """A zero-shot task's (or the suite's) score: its tasks, item limits, release files and lm-eval's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from qat_lightning.eval.zeroshot import FILES, data_dir, expand_tasks, task_limits
+
+    tasks = expand_tasks([task])
+    root = data_dir(ev.zeroshot_data_dir)
+    files = {t: file_identity(resolve_path("hellaswag", ev.hellaswag_path)) if t == "hellaswag"
+             else [file_identity(root / name if root else None) for name in FILES[t]] for t in tasks}
+    try:
+        harness = version("lm_eval")
+    except PackageNotFoundError:
+        harness = None
+    return {"task": task, "limits": task_limits(tasks, ev.zeroshot_limit, ev.hellaswag_limit),
+            "batch_size": ev.zeroshot_batch_size, "files": files, "lm_eval": harness}
+
+
 def cache_key(parts: dict[str, Any]) -> str:
-    text = json.dumps([__version__, parts], sort_keys=True, default=str)
+    text = json.dumps([source_hash(), parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

@@ -1,8 +1,9 @@
-"""HellaSwag zero-shot: pick the ending with the highest log-likelihood given the context.
+"""HellaSwag: the shared file's reader (`load_hellaswag`) and a small stand-alone scorer.
 
-`acc` ranks endings by the sum of their token log-probs; `acc_norm` by that sum divided by the ending's
-length in UTF-8 bytes, which removes the bias towards short endings and makes the score independent of
-the tokenizer (the convention of lm-evaluation-harness and the LLaMA/LLM-QAT papers).
+The `hellaswag` evaluate task is lm-evaluation-harness's own task over this file (`eval/zeroshot.py`), so
+its prompt (the harness's preprocessing, `ctx_b` capitalised) and its `acc_norm` (per character) are the
+published ones. `multiple_choice_accuracy` here scores the file's context as it is, `acc_norm` per UTF-8
+byte: a dependency-free check (no lm-eval), not the number to report.
 """
 
 from __future__ import annotations

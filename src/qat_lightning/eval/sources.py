@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("qat_lightning")
 
@@ -144,3 +145,28 @@ def require_sources(tasks: list[str], paths: dict[str, str | None]) -> None:
             hellaswag_source(paths.get(name))
         else:
             load_text(name, paths.get(name))
+
+
+def check_eval_data(ev: Any) -> None:
+    """Fail before any model loads when a task of `ev` (an `EvalConfig`) finds no data: one line per task.
+
+    Covers the text corpora and HellaSwag (as `require_sources`) and the zero-shot releases (each task's
+    files in `evaluate.zeroshot_data_dir` or `$QAT_DATA_DIR`).
+
+    Raises:
+        FileNotFoundError: every missing source, one line each, naming the task and where it looked.
+    """
+    from qat_lightning.eval.zeroshot import check_zeroshot_data
+
+    errors = []
+    for name in ("wikitext2", "c4"):
+        try:
+            require_sources([name] if name in ev.tasks else [], {name: getattr(ev, f"{name}_path")})
+        except FileNotFoundError as err:
+            errors.append(str(err))
+    try:
+        check_zeroshot_data(ev.tasks, ev.zeroshot_data_dir, ev.hellaswag_path)
+    except FileNotFoundError as err:
+        errors.append(str(err))
+    if errors:
+        raise FileNotFoundError("\n".join(errors))

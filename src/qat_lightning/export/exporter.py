@@ -12,8 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from qat_lightning.atomic import atomic_dir
 from qat_lightning.export.config import FLOAT_DTYPES, FORMAT_VERSION
 from qat_lightning.export.pack import is_packed, pack_codes
 from qat_lightning.quant import QuantEmbedding, QuantLinear, QuantSpec, quantize_to_int
@@ -42,6 +41,15 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _kv_entries(student: nn.Module) -> dict[str, dict]:
+    """The KV quantizer of each attention block: {attention name: {"k", "v" (spec dicts), "placement"}}."""
+    from qat_lightning.quant.kv import iter_kv_quantizers
+
+    return {name.rsplit(".", 1)[0]: {"k": spec_to_dict(q.k_spec), "v": spec_to_dict(q.v_spec),
+                                     "placement": q.placement}
+            for name, q in iter_kv_quantizers(student)}
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -177,13 +185,12 @@ def export_student(
         "quant_config": dataclasses.asdict(qcfg) if dataclasses.is_dataclass(qcfg) else None,
         "setting": getattr(qcfg, "setting", None),
         "modules": modules,
+        "kv": _kv_entries(student),
         "extra": extra_meta or {},
     }
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         st_path = tmp / SAFETENSORS_FILE
         save_file(tensors, str(st_path), metadata={"format": FORMAT_VERSION})
         meta["sha256"] = sha256_file(st_path)
@@ -191,10 +198,6 @@ def export_student(
         out_cfg.to_json_file(str(tmp / "config.json"))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     size = (out_dir / SAFETENSORS_FILE).stat().st_size
     fp16 = _fp16_bytes(student)
@@ -208,14 +211,3 @@ def export_student(
         embedding_bytes=sum(tensors[k].numel() * tensors[k].element_size() for k in emb_keys),
     )
     return stats
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst`, replacing an existing `dst` (moved aside first, removed after)."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -5,7 +5,8 @@ attention rotates the keys before handing them to the cache, and transformers 5.
 `Cache.update`, so the cache captures them itself with a forward hook on the model's rotary embedding.
 On `update` it un-rotates the new keys (exact inverse of RoPE), quantizes them per token with the
 training spec, and stores codes + scales + the token positions. On read it dequantizes and re-applies
-RoPE for the stored positions. V is stored as is (no rotation).
+RoPE for the stored positions. V is stored as is (no rotation). A student whose KV quantizer sits after
+RoPE (`quant.kv_placement=post_rope`, what inference engines store) has its keys stored as they come.
 
 When the model's k_proj / v_proj outputs are already on the quantization grid (the exported model and
 the fake-quant student both quantize them), re-quantizing recovers the very same codes, so generation
@@ -54,9 +55,11 @@ def _unrope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class QuantizedKVLayer(DynamicLayer):
     """One decoder layer's K/V as integer codes (layout `(B, T, ...)`); FP like `DynamicLayer` if specs are off."""
 
-    def __init__(self, k_spec: QuantSpec, v_spec: QuantSpec, scale_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, k_spec: QuantSpec, v_spec: QuantSpec, scale_dtype: torch.dtype = torch.float32,
+                 placement: str = "pre_rope") -> None:
         super().__init__()
         self.k_spec, self.v_spec, self.scale_dtype = k_spec, v_spec, scale_dtype
+        self.placement = placement  # pre_rope: keys stored un-rotated (the paper); post_rope: as engines store them
         self.quantized = k_spec.enabled and v_spec.enabled
         self.cumulative_length = 0
         for name in _STORED:
@@ -95,24 +98,32 @@ class QuantizedKVLayer(DynamicLayer):
         if not self.quantized:
             self.cumulative_length += key_states.shape[-2]
             return super().update(key_states, value_states)
-        if rope is None:
+        pre = self.placement == "pre_rope"
+        if rope is None and pre:
             raise ValueError("QuantizedKVCache saw no rotary embedding call: build it with the model it serves")
-        cos_new, sin_new, pos_new, rope_fn = rope
         if not self.is_initialized:
             self.dtype, self.device = key_states.dtype, key_states.device
             self.num_heads, self.head_dim = key_states.shape[1], key_states.shape[3]
             self.is_initialized = True
         b, t_new = key_states.shape[0], key_states.shape[-2]
-        k_pre = _unrope(key_states.float(), cos_new.float(), sin_new.float())  # (B, H, T_new, D) back on the grid
-        kc, ks, kz = self._encode(k_pre, self.k_spec)
+        if pre:
+            cos_new, sin_new, pos_new, rope_fn = rope
+            k_grid = _unrope(key_states.float(), cos_new.float(), sin_new.float())  # (B, H, T_new, D) on the grid
+            pos = pos_new.expand(b, t_new).to(torch.int32)  # (B, T_new)
+        else:
+            k_grid = key_states.float()  # post-RoPE keys are what was quantized: stored as they come
+            start = self.cumulative_length
+            pos = torch.arange(start, start + t_new, device=key_states.device, dtype=torch.int32).expand(b, t_new)
+        kc, ks, kz = self._encode(k_grid, self.k_spec)
         vc, vs, vz = self._encode(value_states, self.v_spec)
-        pos = pos_new.expand(b, t_new).to(torch.int32)  # (B, T_new)
         for name, new in zip(_STORED, (kc, ks, kz, vc, vs, vz, pos)):
             setattr(self, name, self._cat(getattr(self, name), new))
         self.cumulative_length += t_new
 
-        cos, sin = rope_fn(self.positions.long())  # (B, T, D) for every stored token
-        keys = _rope(self._decode("k", self.k_spec, torch.float32), cos.float(), sin.float())  # (B, H, T, D)
+        keys = self._decode("k", self.k_spec, torch.float32)  # (B, H, T, D)
+        if pre:
+            cos, sin = rope_fn(self.positions.long())  # (B, T, D) for every stored token
+            keys = _rope(keys, cos.float(), sin.float())
         values = self._decode("v", self.v_spec, value_states.dtype)
         return keys.to(key_states.dtype), values
 
@@ -166,38 +177,40 @@ class QuantizedKVLayer(DynamicLayer):
         return sum(t.numel() * t.element_size() for n in _STORED if (t := getattr(self, n)) is not None)
 
 
-def _kv_projection_specs(model: nn.Module) -> list[tuple[QuantSpec, QuantSpec]]:
-    """(k spec, v spec) per decoder layer: the `out_spec` of each layer's k_proj / v_proj."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(f"expected a HF causal LM with model.model.layers, got {type(model).__name__}")
+def _kv_quantizer_specs(model: nn.Module) -> list[tuple[QuantSpec, QuantSpec, str]]:
+    """(k spec, v spec, placement) per decoder layer, from each attention block's KV quantizer (the one owner
+    of KV quantization: what training applied is what the cache stores)."""
+    from qat_lightning.models.adapter import adapter_for
+    from qat_lightning.quant.kv import kv_quantizer_of
+
+    ad = adapter_for(model)
     off = QuantSpec(bits=16)
     specs = []
-    for layer in layers:
-        attn = layer.self_attn
-        specs.append(tuple(getattr(getattr(attn, p), "out_spec", off) for p in ("k_proj", "v_proj")))
+    for layer in ad.layers(model):
+        kvq = kv_quantizer_of(ad.attention(layer))
+        specs.append((off, off, "pre_rope") if kvq is None else (kvq.k_spec, kvq.v_spec, kvq.placement))
     return specs
 
 
 class QuantizedKVCache(Cache):
-    """Integer KV cache for `model.generate(..., past_key_values=QuantizedKVCache(model))`.
+    """Integer KV cache for `model.generate(..., cache=QuantizedKVCache(model))`.
 
     Args:
         model: the model it serves (an exported model from `load_exported`, or a fake-quant student). Its
             rotary embedding is hooked to get the cos/sin and positions of each forward.
-        spec: KV spec for every layer; default: each layer's k_proj / v_proj `out_spec` (what training used).
+        spec: KV spec for every layer; default: each attention block's KV quantizer (what training used).
             Give one (e.g. ``QuantSpec(4, "token")``) to quantize the cache of a model trained without it.
         scale_dtype: dtype of the per-token scales. float32 (default) keeps generation equal to the
             fake-quant student; float16 saves 2 bytes per token per layer.
     """
 
     def __init__(self, model: nn.Module, spec: QuantSpec | None = None, scale_dtype: torch.dtype = torch.float32):
-        specs = _kv_projection_specs(model) if spec is None else None
+        specs = _kv_quantizer_specs(model) if spec is None else None
         n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-        layers = [
-            QuantizedKVLayer(*(specs[i] if specs is not None else (spec, spec)), scale_dtype=scale_dtype)
-            for i in range(n_layers)
-        ]
+        layers = []
+        for i in range(n_layers):
+            k_spec, v_spec, placement = specs[i] if specs is not None else (spec, spec, "pre_rope")
+            layers.append(QuantizedKVLayer(k_spec, v_spec, scale_dtype=scale_dtype, placement=placement))
         super().__init__(layers=layers)
         rotary = getattr(model.model, "rotary_emb", None)
         if rotary is None:

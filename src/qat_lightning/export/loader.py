@@ -303,6 +303,7 @@ def load_exported(
     if tied and "lm_head" not in built:
         model.tie_weights()
 
+    _attach_kv(model, meta.get("kv") or {})
     qcfg = meta.get("quant_config")
     model.quant_config = QuantConfig(**qcfg) if qcfg else None
     model.export_meta = meta
@@ -310,6 +311,24 @@ def load_exported(
     if weights == "dequantized":
         _cache_weights(built, entries, dtype)
     return model
+
+
+def _attach_kv(model: nn.Module, kv: dict[str, dict]) -> None:
+    """Give the rebuilt model the KV quantizers the student had (same specs, same placement)."""
+    if not kv:
+        return
+    from qat_lightning.quant.kv import attach_kv_quantizers
+
+    placements = {entry["placement"] for entry in kv.values()}
+    if len(placements) != 1:
+        raise ValueError(f"export mixes KV placements {sorted(placements)}; one model has one")
+    off = QuantSpec(bits=16)
+
+    def specs(attn: str) -> tuple[QuantSpec, QuantSpec]:
+        entry = kv.get(attn)
+        return (off, off) if entry is None else (_spec(entry["k"]) or off, _spec(entry["v"]) or off)
+
+    attach_kv_quantizers(model, specs, placements.pop())
 
 
 def _cache_weights(built: dict[str, _PackedWeight], entries: list, dtype: torch.dtype) -> None:

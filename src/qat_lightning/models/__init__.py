@@ -2,7 +2,7 @@
 
 from qat_lightning.models.byte_tokenizer import ByteTokenizer
 from qat_lightning.models.config import ModelConfig
-from qat_lightning.models.loading import load_model
+from qat_lightning.models.loading import load_model, load_model_config
 from qat_lightning.models.smollm2 import convert_smollm2, smollm2_gguf_path
 from qat_lightning.models.tiny import build_tiny_config, build_tiny_model
 
@@ -13,5 +13,6 @@ __all__ = [
     "build_tiny_model",
     "convert_smollm2",
     "load_model",
+    "load_model_config",
     "smollm2_gguf_path",
 ]

@@ -79,3 +79,31 @@ def load_model(cfg: ModelConfig | Mapping | Any) -> tuple[torch.nn.Module, Any]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def load_model_config(cfg: ModelConfig | Mapping | Any) -> Any | None:
+    """The HF config of the model `cfg` names, read without loading weights (cheap), or None when it cannot be
+    found offline (the load itself then reports why). Start-up checks use it: group sizes against the
+    linears' input dims, the model family against the adapter."""
+    from transformers import AutoConfig
+
+    cfg = _as_config(cfg)
+    if cfg.source == "tiny":
+        from qat_lightning.models.tiny import build_tiny_config
+
+        vocab = max(cfg.vocab_size, 49152 if cfg.tokenizer == "smollm2" else 259)
+        return build_tiny_config(cfg.arch, vocab, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers,
+                                 cfg.num_heads, cfg.num_kv_heads, cfg.max_position_embeddings)
+    try:
+        if cfg.source == "smollm2":
+            from qat_lightning.models.smollm2 import smollm2_cache_dir, smollm2_gguf_path
+
+            cached = smollm2_cache_dir(cfg.cache_dir)
+            if (cached / "config.json").exists():
+                return AutoConfig.from_pretrained(cached)
+            gguf = smollm2_gguf_path()
+            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        return AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, gguf_file=cfg.gguf_file,
+                                          trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+    except (OSError, ValueError):
+        return None

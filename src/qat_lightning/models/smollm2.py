@@ -9,12 +9,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from qat_lightning.atomic import atomic_dir, write_json_atomic
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct"
@@ -75,19 +76,9 @@ def save_converted(model: nn.Module, tokenizer: Any, target: str | os.PathLike) 
     rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rebuilt.load_state_dict(model.state_dict())
     rebuilt.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(target) as tmp:  # a concurrent converter writes the same files: either copy is good
         rebuilt.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-        log.info("%s was written by another process meanwhile; keeping it", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -97,9 +88,7 @@ def _drop_stale_quantization_config(config_json: Path) -> None:
     if "quantization_config" not in config:
         return
     del config["quantization_config"]
-    tmp = config_json.with_name(f"{config_json.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, config_json)
+    write_json_atomic(config_json, config)
 
 
 def convert_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:

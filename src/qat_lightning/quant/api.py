@@ -1,9 +1,9 @@
 """Turn any HF causal LM into its fake-quantized student without forking model files.
 
-Decoder linears are every `nn.Linear` under `model.model.layers` (q, k, v, o, gate, up, down); they
-become `QuantLinear`s quantizing weight (per channel) and input (per token). The outputs of `k_proj`
-and `v_proj` are the KV cache (before RoPE, as the reference) and get the KV spec. Works for Llama
-1/2/3 (GQA), Mistral, Qwen2 and anything else with `k_proj`/`v_proj` linears.
+Decoder linears are every `nn.Linear` under the adapter's decoder layers (q, k, v, o, gate, up, down); they
+become `QuantLinear`s quantizing weight (per channel) and input (per token). The KV cache is quantized by
+one `KVQuantizer` per attention block (`quant/kv.py`): before RoPE (the reference) or after it (engines).
+Works for the families of `models.adapter` (Llama 1/2/3 with GQA, Mistral, Qwen2).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from typing import Any
 from torch import nn
 
 from qat_lightning.coerce import as_config
+from qat_lightning.models.adapter import adapter_for
+from qat_lightning.quant.kv import KVQuantizer, attach_kv_quantizers, iter_kv_quantizers
 from qat_lightning.quant.modules import QuantEmbedding, QuantLinear
-from qat_lightning.quant.spec import QuantConfig
+from qat_lightning.quant.spec import QuantConfig, QuantSpec
 
 __all__ = [
     "iter_quant_linears",
@@ -28,26 +30,9 @@ __all__ = [
     "set_quantization_enabled",
 ]
 
-KV_PROJECTIONS = ("k_proj", "v_proj")
-
-
 def as_quant_config(cfg: Any) -> QuantConfig:
     """A `QuantConfig` from itself, a mapping of its fields or an OmegaConf DictConfig (Hydra's `cfg.quant`)."""
     return as_config(QuantConfig, cfg, "quant")
-
-
-def _head_dim(config: Any) -> int:
-    head_dim = getattr(config, "head_dim", None)
-    return head_dim or config.hidden_size // config.num_attention_heads
-
-
-def _decoder_layers(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.Module):
-        name = type(model).__name__
-        raise ValueError(f"expected a HF causal LM with decoder layers at model.model.layers, got {name}")
-    return layers
 
 
 def _untie_lm_head(model: nn.Module) -> None:
@@ -72,21 +57,18 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | Mapping, inplace: bool =
         the model's exactly.
     """
     cfg = as_quant_config(cfg)
-    if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
-        raise ValueError("model is already quantized (it contains QuantLinear modules)")
-    layers = _decoder_layers(model)  # validate before copying
+    if any(isinstance(m, _SWITCHABLE) for m in model.modules()):
+        raise ValueError("model is already quantized (it contains QuantLinear or KVQuantizer modules)")
+    ad = adapter_for(model)
+    ad.decoder(model)  # validate before copying
     student = model if inplace else copy.deepcopy(model)
-    layers = _decoder_layers(student)
-    head_dim = _head_dim(student.config)
 
-    targets = [(f"model.layers.{n}", m) for n, m in layers.named_modules() if isinstance(m, nn.Linear)]
-    for name, linear in targets:
+    for name, linear in list(ad.decoder_linears(student)):
         if cfg.is_skipped(name):
             continue
-        leaf = name.rsplit(".", 1)[-1]
-        out_spec = cfg.kv_spec(name, head_dim) if leaf in KV_PROJECTIONS else None
-        new = QuantLinear.from_linear(linear, cfg.weight_spec(name), cfg.act_spec(name), out_spec)
+        new = QuantLinear.from_linear(linear, cfg.weight_spec(name), cfg.act_spec(name))
         student.set_submodule(name, new)
+    attach_kv_quantizers(student, lambda attn: _kv_specs(cfg, attn, ad.head_dim), cfg.kv_placement)
 
     if cfg.quantize_lm_head and not cfg.is_skipped("lm_head"):
         _untie_lm_head(student)
@@ -106,6 +88,13 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | Mapping, inplace: bool =
     return student
 
 
+def _kv_specs(cfg: QuantConfig, attn: str, head_dim: int):
+    """(k spec, v spec) of one attention block; overrides match the k_proj / v_proj names as before."""
+    skipped = [cfg.is_skipped(f"{attn}.{p}") for p in ("k_proj", "v_proj")]
+    specs = [cfg.kv_spec(f"{attn}.{p}", head_dim) for p in ("k_proj", "v_proj")]
+    return tuple(QuantSpec(bits=16) if skip else spec for skip, spec in zip(skipped, specs))
+
+
 def iter_quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
     """(name, module) for every `QuantLinear` in `model`, in module order."""
     for name, module in model.named_modules():
@@ -118,7 +107,7 @@ def quant_summary(model: nn.Module) -> dict[str, int]:
 
     Keys: num_quant_linears (QuantLinear modules), num_quantized_linears (with any spec enabled),
     w{b}_linears / a{b}_linears (counts by bit width, 16 = full precision), kv_quantized (linears whose
-    output is quantized), lsq_params (elements of learnable scales), quantized_embeddings.
+    output is quantized: k_proj and v_proj of each block with a KV quantizer), lsq_params (elements of learnable scales), quantized_embeddings.
     """
     out: dict[str, int] = {"num_quant_linears": 0, "num_quantized_linears": 0, "kv_quantized": 0, "lsq_params": 0}
     w_bits, a_bits = Counter(), Counter()
@@ -126,28 +115,32 @@ def quant_summary(model: nn.Module) -> dict[str, int]:
         out["num_quant_linears"] += 1
         specs = (m.weight_spec, m.act_spec, m.out_spec)
         out["num_quantized_linears"] += any(s.enabled for s in specs)
-        out["kv_quantized"] += m.out_spec.enabled
         w_bits[min(m.weight_spec.bits, 16)] += 1
         a_bits[min(m.act_spec.bits, 16)] += 1
         if m.weight_scale is not None:
             out["lsq_params"] += m.weight_scale.numel()
     out.update({f"w{b}_linears": n for b, n in sorted(w_bits.items())})
     out.update({f"a{b}_linears": n for b, n in sorted(a_bits.items())})
+    for _, kvq in iter_kv_quantizers(model):
+        out["kv_quantized"] += int(kvq.k_spec.enabled) + int(kvq.v_spec.enabled)
     out["quantized_embeddings"] = sum(isinstance(m, QuantEmbedding) for m in model.modules())
     return out
+
+
+_SWITCHABLE = (QuantLinear, QuantEmbedding, KVQuantizer)
 
 
 def set_quantization_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch fake quantization on or off in every quantized module (off: plain Linear/Embedding)."""
     for m in model.modules():
-        if isinstance(m, (QuantLinear, QuantEmbedding)):
+        if isinstance(m, _SWITCHABLE):
             m.quant_enabled = bool(enabled)
 
 
 @contextmanager
 def quantization_enabled(model: nn.Module, enabled: bool) -> Iterator[nn.Module]:
     """Context manager form of `set_quantization_enabled`; restores each module's previous state."""
-    modules = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    modules = [m for m in model.modules() if isinstance(m, _SWITCHABLE)]
     before = [m.quant_enabled for m in modules]
     try:
         for m in modules:

@@ -17,6 +17,12 @@ Conventions (match torchao's `choose_qparams_affine` / `quantize_affine` / `dequ
   decodes it like any other grid.
 * scales are clamped to ``torch.finfo(dtype).tiny`` so zero rows give zeros, never NaN/inf.
 * everything runs in the input dtype; the output has the input's dtype and shape.
+* "ggml" (llama.cpp's Q4_0 / Q8_0, `quant/ggml.py`): blocks of 32, codes from the float32 scale with
+  ggml-quants.c's rounding, values ``fp16(d) * code``; computed in float32 whatever the input dtype. Scales
+  returned here are the stored fp16 ones (as floats); Q4_0's is negative when the block's extreme is positive.
+  With `rope_head_dim` (keys) the blocks run over llama.cpp's order of each head's dims, and with `hadamard`
+  over Walsh-Hadamard rotated chunks (llama.cpp's quantized KV cache); rotated codes exist only in llama.cpp's
+  layout, so `quantize_to_int` / `dequantize` refuse `hadamard` specs (the fake quantizer handles them).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import math
 
 import torch
 
+from qat_lightning.quant import ggml
 from qat_lightning.quant.spec import QuantSpec
 
 __all__ = [
@@ -103,6 +110,12 @@ def compute_scale_zero(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
 
     The zero point is a float tensor of integers (zeros for symmetric specs).
     """
+    if spec.ggml_type is not None:
+        with torch.no_grad():
+            d = ggml.ggml_scale(group_view(_to_ggml_order(x.detach(), spec).float(), spec), spec.ggml_type)
+            d = d.to(torch.float16).float()
+            d = torch.where(d == 0, torch.full_like(d, torch.finfo(torch.float32).tiny), d)  # no 1/0 downstream
+            return d.to(x.dtype), torch.zeros_like(d, dtype=x.dtype)
     with torch.no_grad():
         scale, zero_point = _scale_zero(group_view(x, spec), spec)
     return scale, _full_zero_point(scale, zero_point, spec)
@@ -121,6 +134,8 @@ def round_to_grid(t: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantS
     Round-to-nearest plus the zero point, or for "seq" the floor (nearest of the levels code + 0.5).
     GPTQ rounds its columns with this, so its grid is the fake quantizer's grid.
     """
+    if spec.ggml_type is not None:
+        return t.copy_(ggml.round_ratio(t.float(), spec.ggml_type))
     return _round(t, zero_point, spec).clamp_(spec.qmin, spec.qmax)
 
 
@@ -138,6 +153,26 @@ def _codes(
     q = _round(xg * scale.reciprocal(), zero_point, spec)
     mask = ((q >= spec.qmin) & (q <= spec.qmax)) if with_mask else None
     return q.clamp_(spec.qmin, spec.qmax), mask
+
+
+def _to_ggml_order(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """K/V as llama.cpp's cache holds them: keys in its order of each head's dims, then Hadamard-rotated."""
+    if spec.rope_head_dim:
+        x = ggml.to_llama_rope_order(x, spec.rope_head_dim)
+    return ggml.hadamard_rotate(x, spec.hadamard) if spec.hadamard else x
+
+
+def _from_ggml_order(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Inverse of `_to_ggml_order` (the rotation is its own inverse)."""
+    if spec.hadamard:
+        x = ggml.hadamard_rotate(x, spec.hadamard)
+    return ggml.from_llama_rope_order(x, spec.rope_head_dim) if spec.rope_head_dim else x
+
+
+def _ggml_fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None) -> torch.Tensor:
+    """llama.cpp's round trip of `x` (scale: an optional float32 d broadcasting against the group view)."""
+    y = ggml.fake_quantize_ggml(_to_ggml_order(x, spec), spec.ggml_type, spec.ste_mask, d=scale)
+    return _from_ggml_order(y, spec)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
@@ -239,6 +274,8 @@ def fake_quantize(
     """
     if not spec.enabled:
         return x
+    if spec.ggml_type is not None:
+        return _ggml_fake_quantize(x, spec, scale)
     if scale is not None and spec.learnable:
         return _LSQFakeQuantize.apply(x, scale, spec, lsq_grad_scale(x.numel(), spec))
     if scale is not None:
@@ -260,6 +297,13 @@ def quantize_to_int(
     """
     if not spec.enabled:
         raise ValueError(f"quantize_to_int needs an enabled spec (bits <= 8), got bits={spec.bits}")
+    if spec.ggml_type is not None:  # int8 codes; the stored fp16 scales, as floats of x's dtype
+        if spec.hadamard:
+            raise ValueError("quantize_to_int: codes of Hadamard-rotated K/V exist only in llama.cpp's rotated "
+                             "layout (use quant.ggml.quantize_blocks on the rotated tensor)")
+        codes, d16 = ggml.quantize_blocks(_to_ggml_order(x, spec), spec.ggml_type, d=scale)
+        codes = _from_ggml_order(codes.flatten(-2), spec)  # a permutation: integers stay integers
+        return codes, d16.to(x.dtype), torch.zeros_like(d16, dtype=x.dtype)
     with torch.no_grad():
         xg = group_view(x, spec)
         if scale is None:
@@ -277,6 +321,10 @@ def quantize_to_int(
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
     """Float values ``(q - zero_point) * scale`` in the scale's dtype, shape of `q`."""
+    if spec.hadamard:
+        raise ValueError("dequantize: codes of Hadamard-rotated K/V exist only in llama.cpp's rotated layout")
+    if spec.rope_head_dim:  # codes in x's order, scales per block of llama.cpp's order
+        return _from_ggml_order(dequantize(_to_ggml_order(q, spec), scale, zero_point, spec.no_rope_order), spec)
     qg = group_view(q, spec).to(scale.dtype)
     if zero_point is not None:
         qg = qg - zero_point

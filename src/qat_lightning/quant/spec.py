@@ -17,18 +17,25 @@ group       `group_size` consecutive elements of the last dim    weight (out, in
 token       row of the last dim (one token over the hidden dim)  activation (B, T, H)
 head        `head_dim` consecutive elements of the last dim      K/V (B, T, n_kv * head_dim)
 ==========  ===================================================  ==========================
+
+The "ggml" estimator is llama.cpp's block formats (`quant/ggml.py`): 4 bits is Q4_0, 8 bits is Q8_0, in
+"group" granularity of 32 (one fp16 scale per block of 32 along the last dim). With it, weights, activations
+and the KV cache are fake-quantized exactly as llama.cpp stores or re-quantizes them, and an override of
+`w_bits` (e.g. 8 for lm_head) picks the tensor's type the way llama.cpp's file types do.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Granularity = Literal["tensor", "channel", "group", "token", "head"]
 GRANULARITIES = ("tensor", "channel", "group", "token", "head")
-ESTIMATORS = ("minmax", "clip", "seq")
+ESTIMATORS = ("minmax", "clip", "seq", "ggml")
+GGML_BLOCK = 32  # llama.cpp's QK4_0 / QK8_0
+GGML_BITS = {4: "q4_0", 8: "q8_0"}
 DISABLED_BITS = 16  # any bit width >= 16 means "keep full precision"
 _OVERRIDE_KEYS = {"pattern", "w_bits", "a_bits", "kv_bits", "skip"}
 
@@ -57,9 +64,17 @@ class QuantSpec:
             "seq" is the reference's 2-bit weight quantizer (ParetoQ calls it SEQ): four levels
             {-1.5, -0.5, 0.5, 1.5}·s with s = mean|x| per scale group (the reference writes them
             {±0.25, ±0.75}·α with α = 2·mean|x|); there is no zero level. 2 bits, symmetric only.
+            "ggml" is llama.cpp's Q4_0 (bits=4) or Q8_0 (bits=8): granularity "group" of 32, symmetric,
+            fp16 scales, the exact rounding of ggml-quants.c (see `quant/ggml.py`).
         clip_percentile: quantile in (0, 1] used by the "clip" estimator.
         ste_mask: zero gradients where |x| >= ste_mask (the reference uses 2.0); None is a plain STE.
         learnable: LSQ learnable scale (weights only, symmetric, per channel); initialised from MinMax.
+        rope_head_dim: with "ggml", the blocks run over llama.cpp's order of each head's dims (heads of this
+            size, their two RoPE halves interleaved: the converter's q/k row permutation). Keys only: it
+            makes a block of 32 of an HF key the block llama.cpp stores in its cache.
+        hadamard: with "ggml", rotate chunks of this size (a power of two) of the last dim by a Walsh-Hadamard
+            matrix before the blocks and back after (in llama.cpp's order when `rope_head_dim` is set):
+            llama.cpp's rotation of a quantized KV cache (see `quant/ggml.py`).
     """
 
     bits: int
@@ -72,6 +87,8 @@ class QuantSpec:
     clip_percentile: float = 0.999
     ste_mask: float | None = None
     learnable: bool = False
+    rope_head_dim: int | None = None
+    hadamard: int | None = None
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "bits")
@@ -97,14 +114,45 @@ class QuantSpec:
             )
         if self.learnable and self.estimator != "minmax":
             raise ValueError("learnable (LSQ) scales are initialised from MinMax; use estimator='minmax'")
+        if self.estimator == "ggml" and self.enabled:
+            if self.bits not in GGML_BITS:
+                raise ValueError(f"estimator 'ggml' is Q4_0 (bits=4) or Q8_0 (bits=8), not bits={self.bits}")
+            if not self.symmetric or self.granularity != "group" or self.group_size != GGML_BLOCK:
+                raise ValueError(
+                    f"estimator 'ggml' needs symmetric=True, granularity='group' and group_size={GGML_BLOCK} "
+                    f"(llama.cpp's blocks), got symmetric={self.symmetric}, granularity={self.granularity!r}, "
+                    f"group_size={self.group_size}"
+                )
+        if self.rope_head_dim is not None:
+            if self.estimator != "ggml":
+                raise ValueError("rope_head_dim (llama.cpp's key order) needs estimator 'ggml'")
+            if self.rope_head_dim < 2 or self.rope_head_dim % 2:
+                raise ValueError(f"rope_head_dim must be a positive even head size, got {self.rope_head_dim}")
+        if self.hadamard is not None:
+            if self.estimator != "ggml":
+                raise ValueError("hadamard (llama.cpp's KV rotation) needs estimator 'ggml'")
+            if self.hadamard < 2 or self.hadamard & (self.hadamard - 1):
+                raise ValueError(f"hadamard must be a power-of-two chunk size, got {self.hadamard}")
 
     @property
     def enabled(self) -> bool:
         return self.bits < DISABLED_BITS
 
     @property
+    def ggml_type(self) -> str | None:
+        """llama.cpp's type name ("q4_0" | "q8_0") of an enabled "ggml" spec, else None."""
+        return GGML_BITS[self.bits] if self.estimator == "ggml" and self.enabled else None
+
+    @property
+    def no_rope_order(self) -> QuantSpec:
+        """This spec on the tensor as given: `rope_head_dim` and `hadamard` dropped."""
+        return replace(self, rope_head_dim=None, hadamard=None)
+
+    @property
     def qmin(self) -> int:
         """Smallest integer level."""
+        if self.ggml_type is not None:
+            return -8 if self.bits == 4 else -127
         if not self.symmetric:
             return 0
         if self.estimator == "seq":  # codes -2..1 stand for levels code + 0.5
@@ -114,7 +162,12 @@ class QuantSpec:
     @property
     def qmax(self) -> int:
         """Largest integer level."""
+        if self.ggml_type is not None:
+            return 7 if self.bits == 4 else 127
         return 2**self.bits - 1 if not self.symmetric else 2 ** (self.bits - 1) - 1
+
+
+KV_PLACEMENTS = ("pre_rope", "post_rope")
 
 
 def _opt_bool(value: bool | None, default: bool) -> bool:
@@ -137,7 +190,15 @@ class QuantConfig:
     w_granularity: str = "channel"
     w_group_size: int | None = None
     a_granularity: str = "token"
+    a_group_size: int | None = None  # with a_granularity "group" (llama.cpp's Q8_0 activation blocks: 32)
     kv_granularity: str = "token"
+    kv_group_size: int | None = None  # with kv_granularity "group": blocks along the head dim (llama.cpp: 32)
+    # where the KV cache is quantized (quant/kv.py): "pre_rope" on the k_proj/v_proj outputs (the paper and
+    # the reference), "post_rope" on the keys and values the attention reads (what inference engines store)
+    kv_placement: str = "pre_rope"
+    # with the "ggml" estimator: emulate llama.cpp's Walsh-Hadamard rotation of a quantized KV cache (on in
+    # llama.cpp for head dims divisible by 64 unless LLAMA_ATTN_ROT_DISABLE=1; false to match that setting)
+    kv_hadamard: bool = True
     symmetric: bool = True
     w_symmetric: bool | None = None
     a_symmetric: bool | None = None
@@ -158,10 +219,12 @@ class QuantConfig:
             _check_bits(getattr(self, name), name)
         if self.w_granularity not in ("tensor", "channel", "group"):
             raise ValueError(f"w_granularity must be tensor, channel or group, got {self.w_granularity!r}")
-        if self.a_granularity not in ("tensor", "token"):
-            raise ValueError(f"a_granularity must be tensor or token, got {self.a_granularity!r}")
-        if self.kv_granularity not in ("tensor", "token", "head"):
-            raise ValueError(f"kv_granularity must be tensor, token or head, got {self.kv_granularity!r}")
+        if self.a_granularity not in ("tensor", "token", "group"):
+            raise ValueError(f"a_granularity must be tensor, token or group, got {self.a_granularity!r}")
+        if self.kv_granularity not in ("tensor", "token", "head", "group"):
+            raise ValueError(f"kv_granularity must be tensor, token, head or group, got {self.kv_granularity!r}")
+        if self.kv_placement not in KV_PLACEMENTS:
+            raise ValueError(f"kv_placement must be one of {', '.join(KV_PLACEMENTS)}, got {self.kv_placement!r}")
         if self.w_estimator is not None and self.w_estimator not in ESTIMATORS:
             raise ValueError(f"unknown w_estimator {self.w_estimator!r}; expected one of {ESTIMATORS} or null")
         if self.estimator == "seq":
@@ -229,6 +292,7 @@ class QuantConfig:
             bits=DISABLED_BITS if r["skip"] else r["a_bits"],
             granularity=self.a_granularity,
             symmetric=_opt_bool(self.a_symmetric, self.symmetric),
+            group_size=self.a_group_size if self.a_granularity == "group" else None,
             narrow_range=self.narrow_range,
             estimator=self.estimator,
             clip_percentile=self.clip_percentile,
@@ -236,17 +300,36 @@ class QuantConfig:
         )
 
     def kv_spec(self, name: str, head_dim: int | None = None) -> QuantSpec:
+        """Spec of the keys (`name` ends in k_proj) or values of an attention block.
+
+        With the "ggml" estimator, keys get `rope_head_dim` (their blocks are llama.cpp's) and both get
+        llama.cpp's Hadamard rotation when `kv_hadamard` (see QuantSpec and `quant/ggml.py`).
+        """
+        from qat_lightning.quant.ggml import kv_rotation_size
+
         r = self._resolve(name)
+        group = self.kv_granularity == "group"
+        is_key = name.endswith("k_proj")
+        ggml_kv = group and self.estimator == "ggml" and bool(head_dim)
+        rot = kv_rotation_size(head_dim, "k" if is_key else "v") if ggml_kv and self.kv_hadamard else None
         return QuantSpec(
             bits=DISABLED_BITS if r["skip"] else r["kv_bits"],
             granularity=self.kv_granularity,
             symmetric=_opt_bool(self.kv_symmetric, self.symmetric),
             head_dim=head_dim if self.kv_granularity == "head" else None,
+            group_size=self.kv_group_size if group else None,
+            rope_head_dim=head_dim if ggml_kv and is_key else None,
+            hadamard=rot,
             narrow_range=self.narrow_range,
             estimator=self.estimator,
             clip_percentile=self.clip_percentile,
             ste_mask=self.ste_mask,
         )
+
+    @property
+    def ggml(self) -> bool:
+        """True when the weights use llama.cpp's formats (a GGUF can hold the student's codes as they are)."""
+        return (self.w_estimator or self.estimator) == "ggml"
 
     @property
     def setting(self) -> str:

@@ -1,0 +1,183 @@
+"""llama.cpp itself runs our GGUFs and agrees with the fake-quant student (skipped without llama-cpp-python).
+
+Tolerances reached on a tiny random Llama (head_dim 64, 128 tokens), quant=q4_0, per token:
+KL(student‖llama.cpp) < 2e-5 nats (measured 2e-6 .. 4e-6), max |Δlogit| < 2 % of max |logit| (measured
+0.6 % .. 0.9 %), top-1 agreement >= 0.98 (measured 0.99 .. 1.0), with KV f16, q8_0 and q4_0. What is left
+is llama.cpp's own float arithmetic (f16 attention inputs, SIMD exp/silu, Q8_0 of the rotated queries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[engine]'")
+
+from gguf import GGUFReader  # noqa: E402
+
+from conftest import CONF_DIR, shared_data_or_skip  # noqa: E402
+from qat_lightning.eval.config import EvalConfig  # noqa: E402
+from qat_lightning.export.gguf import GGUFError, export_gguf  # noqa: E402
+from qat_lightning.export.llamacpp import (  # noqa: E402
+    kv_cache_bytes,
+    llamacpp_logits,
+    llamacpp_quantize,
+    llamacpp_scores,
+    llamacpp_speed,
+    load_gguf,
+)
+from qat_lightning.models import build_tiny_config, build_tiny_model  # noqa: E402
+from qat_lightning.models.smollm2 import smollm2_gguf_path  # noqa: E402
+from qat_lightning.quant import as_quant_config, quantize_model  # noqa: E402
+
+KV_BITS = {"f16": 16, "q8_0": 8, "q4_0": 4}
+
+
+def _q4_0(kv: str = "q8_0", **kw):
+    """conf/quant/q4_0.yaml (composed alone, as the `quant` group) with the KV cache of `kv`."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = as_quant_config(compose(config_name="quant/q4_0").quant)
+    return dataclasses.replace(cfg, kv_bits=KV_BITS[kv], **kw)
+
+
+def _tiny(tie: bool = True, seed: int = 0):
+    config = build_tiny_config(vocab_size=49152, hidden_size=128, intermediate_size=256, num_heads=2, num_kv_heads=1,
+                               tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return build_tiny_model(config, seed=seed)
+
+
+def _ids(n: int = 128, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 49152, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _agreement(engine: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    log_r, log_e = F.log_softmax(ref, -1), F.log_softmax(engine, -1)
+    return {
+        "kl": (log_r.exp() * (log_r - log_e)).sum(-1).mean().item(),
+        "rel_max": ((engine - ref).abs().max() / ref.abs().max()).item(),
+        "top1": (engine.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """A tied tiny teacher, its q4_0 student's GGUF and its F16 GGUF."""
+    root = tmp_path_factory.mktemp("engine")
+    model = _tiny()
+    student = quantize_model(model, _q4_0())
+    export_gguf(student, None, root / "q4_0.gguf", source_gguf=smollm2_gguf_path())
+    export_gguf(model, None, root / "f16.gguf", source_gguf=smollm2_gguf_path(), dtype="f16")
+    return model, root
+
+
+@pytest.mark.parametrize("kv", ["f16", "q8_0", "q4_0"])
+def test_llamacpp_logits_agree_with_the_fake_quant_student(tiny_files, kv):
+    model, root = tiny_files
+    ids = _ids()
+    with torch.inference_mode():
+        ref = quantize_model(model, _q4_0(kv))(ids[None]).logits[0]  # (T, V)
+    llm = load_gguf(root / "q4_0.gguf", n_ctx=128, kv_type=kv, model=model)
+    out = llamacpp_logits(llm, ids)
+    llm.close()
+    a = _agreement(out, ref)
+    assert a["kl"] < 2e-5 and a["rel_max"] < 0.02 and a["top1"] >= 0.98, a
+
+
+def test_kv_rotation_off_in_the_engine_matches_kv_hadamard_false(tiny_files, monkeypatch):
+    """LLAMA_ATTN_ROT_DISABLE=1 is `kv_hadamard: false`: the emulation follows llama.cpp's switch."""
+    model, root = tiny_files
+    ids = _ids(seed=1)
+    monkeypatch.setitem(os.environ, "LLAMA_ATTN_ROT_DISABLE", "1")
+    llm = load_gguf(root / "q4_0.gguf", n_ctx=128, kv_type="q4_0")
+    out = llamacpp_logits(llm, ids)
+    llm.close()
+    with torch.inference_mode():
+        off = quantize_model(model, _q4_0("q4_0", kv_hadamard=False))(ids[None]).logits[0]
+        on = quantize_model(model, _q4_0("q4_0"))(ids[None]).logits[0]
+    a_off, a_on = _agreement(out, off), _agreement(out, on)
+    assert a_off["kl"] < 2e-5 and a_off["top1"] >= 0.98, a_off
+    assert a_on["kl"] > 1.2 * a_off["kl"], (a_on, a_off)
+
+
+def test_f16_teacher_gguf_runs_like_the_teacher(tiny_files):
+    model, root = tiny_files
+    ids = _ids(64, seed=2)
+    llm = load_gguf(root / "f16.gguf", n_ctx=64)
+    out = llamacpp_logits(llm, ids)
+    llm.close()
+    with torch.inference_mode():
+        ref = model(ids[None]).logits[0]
+    a = _agreement(out, ref)
+    assert a["kl"] < 1e-5 and a["top1"] >= 0.98, a
+
+
+def test_llamacpps_own_q4_0_of_the_f32_teacher_is_our_rtn_byte_for_byte(tmp_path):
+    """The engine is the reference: llama-quantize writes exactly our RTN student's codes and scales."""
+    model = _tiny(tie=False, seed=3)
+    student = quantize_model(model, _q4_0())
+    export_gguf(student, None, tmp_path / "rtn.gguf", source_gguf=smollm2_gguf_path())
+    export_gguf(model, None, tmp_path / "f32.gguf", source_gguf=smollm2_gguf_path(), dtype="f32")
+    llamacpp_quantize(tmp_path / "f32.gguf", tmp_path / "ptq.gguf", "q4_0", output_type="q8_0", token_embd_type="q8_0")
+    ours = {t.name: t for t in GGUFReader(tmp_path / "rtn.gguf").tensors}
+    engine = {t.name: t for t in GGUFReader(tmp_path / "ptq.gguf").tensors}
+    assert sorted(ours) == sorted(engine)
+    for name, t in ours.items():
+        assert t.tensor_type == engine[name].tensor_type, name
+        assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(engine[name].data).view(np.uint8)), name
+
+
+def test_truncated_file_is_refused_before_llamacpp_sees_it(tiny_files, tmp_path):
+    _, root = tiny_files
+    data = (root / "q4_0.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(GGUFError, match="truncated"):
+        load_gguf(tmp_path / "cut.gguf")
+    narrow = build_tiny_model(build_tiny_config(vocab_size=49152, num_heads=2, num_kv_heads=1, hidden_size=64))
+    with pytest.raises(GGUFError, match="n_embd: file 128, model 64"):
+        load_gguf(root / "q4_0.gguf", model=narrow)
+
+
+def test_scores_use_the_harness_windows_and_speed_is_measured(tiny_files, tmp_path):
+    shared_data_or_skip()
+    from qat_lightning.eval import corpus_ids
+    from qat_lightning.eval.perplexity import perplexity
+    from qat_lightning.models import load_model
+
+    _, tokenizer = load_model({"source": "tiny", "tokenizer": "smollm2", "hidden_size": 128, "num_heads": 2,
+                               "num_kv_heads": 1, "intermediate_size": 256})
+    model, root = tiny_files
+    cfg = EvalConfig(tasks=["wikitext2"], seq_len=64, max_windows=3)
+    scores = llamacpp_scores(root / "f16.gguf", tokenizer, cfg, teacher=model)
+    ref = perplexity(model, corpus_ids(tokenizer, "wikitext2"), 64, max_windows=3)["ppl"]
+    assert set(scores) == {"wikitext2_ppl", "kl", "top1_agreement"}
+    assert scores["wikitext2_ppl"] == pytest.approx(ref, rel=1e-3) and scores["kl"] < 1e-5
+    s = llamacpp_speed(root / "q4_0.gguf", kv_type="q4_0", context=64, n_gen=8)
+    assert s["prompt_tokens"] == 56 and s["decode_tokens_per_s"] > 0 and s["prompt_tokens_per_s"] > 0
+    assert kv_cache_bytes(512, 30, 3, 64, "q4_0") == 2 * 30 * 512 * 6 * 18  # 18 bytes per block of 32
+    assert kv_cache_bytes(512, 30, 3, 64, "f16") == 2 * 30 * 512 * 192 * 2
+
+
+@pytest.mark.slow
+def test_smollm2_rtn_q4_0_scores_the_same_in_llamacpp_and_our_harness(tmp_path):
+    """SmolLM2's q4_0 RTN student: llama.cpp's perplexity of its GGUF equals our fake-quant harness' (4 windows)."""
+    shared_data_or_skip()
+    from qat_lightning.eval import corpus_ids
+    from qat_lightning.eval.perplexity import perplexity
+    from qat_lightning.models import load_model
+
+    teacher, tokenizer = load_model({"source": "smollm2"})
+    cfg = EvalConfig(tasks=["wikitext2"], seq_len=512, max_windows=4)
+    ids = corpus_ids(tokenizer, "wikitext2")
+    student = quantize_model(teacher, _q4_0("q8_0"))
+    stats = export_gguf(student, tokenizer, tmp_path / "s.gguf", source_gguf=smollm2_gguf_path())
+    assert stats["tensor_types"] == {"f32": 61, "q4_0": 210, "q8_0": 1}
+    engine = llamacpp_scores(tmp_path / "s.gguf", tokenizer, cfg, kv_type="q8_0", model=teacher)["wikitext2_ppl"]
+    ours = perplexity(student, ids, 512, max_windows=4)["ppl"]
+    assert engine == pytest.approx(ours, rel=5e-3)
