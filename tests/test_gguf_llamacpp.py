@@ -25,6 +25,7 @@ from qat_lightning.eval.config import EvalConfig  # noqa: E402
 from qat_lightning.export.gguf import GGUFError, export_gguf  # noqa: E402
 from qat_lightning.export.llamacpp import (  # noqa: E402
     kv_cache_bytes,
+    kv_type_of,
     llamacpp_logits,
     llamacpp_quantize,
     llamacpp_scores,
@@ -156,8 +157,9 @@ def test_scores_use_the_harness_windows_and_speed_is_measured(tiny_files, tmp_pa
     cfg = EvalConfig(tasks=["wikitext2"], seq_len=64, max_windows=3)
     scores = llamacpp_scores(root / "f16.gguf", tokenizer, cfg, teacher=model)
     ref = perplexity(model, corpus_ids(tokenizer, "wikitext2"), 64, max_windows=3)["ppl"]
-    assert set(scores) == {"wikitext2_ppl", "kl", "top1_agreement"}
-    assert scores["wikitext2_ppl"] == pytest.approx(ref, rel=1e-3) and scores["kl"] < 1e-5
+    assert set(scores) == {"wikitext2_ppl", "wikitext2_kl", "wikitext2_top1_agreement"}
+    assert scores["wikitext2_ppl"] == pytest.approx(ref, rel=1e-3) and scores["wikitext2_kl"] < 1e-5
+    assert kv_type_of(_q4_0("q4_0")) == "q4_0" and kv_type_of(_q4_0("f16")) == "f16"
     s = llamacpp_speed(root / "q4_0.gguf", kv_type="q4_0", context=64, n_gen=8)
     assert s["prompt_tokens"] == 56 and s["decode_tokens_per_s"] > 0 and s["prompt_tokens_per_s"] > 0
     assert kv_cache_bytes(512, 30, 3, 64, "q4_0") == 2 * 30 * 512 * 6 * 18  # 18 bytes per block of 32

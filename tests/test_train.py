@@ -80,6 +80,19 @@ def test_resume_from_last_reaches_the_same_final_loss(tmp_path):
     assert resumed["train/student/loss"] == pytest.approx(full["train/student/loss"], rel=1e-5, abs=1e-6)
 
 
+def test_resume_in_the_middle_of_an_epoch_is_exact(tmp_path):
+    """Stopped at step 2 of a 3-batch epoch and resumed: the same batches, the same final loss."""
+    common = ["trainer.max_steps=6", "trainer.max_epochs=null", "trainer.limit_train_batches=3",
+              "trainer.limit_val_batches=1", "stages=[train]", "logger=none", "optim.total_steps=6",
+              "callbacks.checkpoint_every_n_steps=1"]
+    full, _ = _in_process(common, tmp_path, run="full")
+    part, _ = _in_process([*common, "trainer.max_steps=2"], tmp_path, run="resumed")
+    assert part["train/student/steps"] == 2
+    resumed, _ = _in_process([*common, "ckpt_path=last"], tmp_path, run="resumed")
+    assert resumed["train/student/steps"] == 6
+    assert resumed["train/student/loss"] == pytest.approx(full["train/student/loss"], rel=1e-5, abs=1e-6)
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     from qat_lightning.distill.module import NonFiniteLossError
 

@@ -267,3 +267,16 @@ def test_post_rope_kv_owner_quantizes_the_keys_attention_reads():
 
     assert grid_error("post_rope") < 1e-4
     assert grid_error("pre_rope") > 1e-2
+
+
+# ---- make gpu-check, at tiny size on CPU ------------------------------------------------------------
+def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path):
+    """The same script `make gpu-check` runs on a GPU: FSDP2 on one device, generation, QAT steps, one table."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "MASTER_PORT": "29531"}
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in proc.stdout.splitlines()
+             if line.startswith("| ") and line.count("|") == 3}
+    assert table["QAT steps"] == "3" and float(table["generation tokens/s"]) > 0 and float(table["QAT tokens/s"]) > 0
+    assert "FSDP2" in table["strategy"]

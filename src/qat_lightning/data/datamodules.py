@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from qat_lightning.data.config import DataConfig
 from qat_lightning.data.packing import BlockDataset, pack_documents
-from qat_lightning.data.sampler import EpochShuffleSampler
+from qat_lightning.data.sampler import EpochShuffleSampler, ResumableDataLoader
 from qat_lightning.data.shards import load_generated, read_meta
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ class _BlockDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return DataLoader(
+        return ResumableDataLoader(
             self.train_dataset,
             batch_size=self.cfg.batch_size,
             # seeded per epoch so a resumed run sees the same order; Lightning splits it across ranks
@@ -235,7 +235,29 @@ class _BlockDataModule(L.LightningDataModule):
             drop_last=True,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
+            skip_batches=self._batches_done_this_epoch(),
         )
+
+    def _batches_done_this_epoch(self) -> int:
+        """Batches of the current epoch a resumed run already trained on (0 unless resuming mid-epoch).
+
+        Lightning restores its loop progress before it asks for the train loader; a checkpoint written after
+        the epoch's last batch starts the next epoch afresh, so only 0 < done < batches-per-epoch skips.
+        """
+        trainer = self.trainer  # set by Lightning while it fits; None otherwise
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
+        # `processed`: batches whose step ran (a checkpoint written in on_train_batch_end has not yet counted
+        # its batch as `completed`)
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        per_rank = -(-len(self.train_dataset) // max(1, trainer.world_size))  # DistributedSampler pads
+        per_epoch = per_rank // self.cfg.batch_size
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            per_epoch = min(per_epoch, limit)
+        elif limit is not None and limit < 1.0:
+            per_epoch = int(per_epoch * limit)
+        return done if 0 < done < per_epoch else 0
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

@@ -5,30 +5,52 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FORMAT_VERSION = "qat-lightning-v1"
+FORMATS = (FORMAT_VERSION, "native", "gguf")  # "native" is the qat-lightning-v1 layout
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
+GGUF_FLOAT_TYPES = ("f16", "f32")
 
 
 @dataclass
 class ExportConfig:
-    """How `export_student` writes a model.
+    """How `export_student` (native) or `export.gguf.export_gguf` (gguf) writes a model.
 
     Args:
         out_dir: target folder; None means ``<run dir>/export``.
-        format: layout version written to ``quant_config.json``; only "qat-lightning-v1" exists.
-        scale_dtype: dtype of stored scales. float16 halves their size; the loader decodes with exactly
-            the stored values, so the exported model is self-consistent whatever is chosen.
-        fp_dtype: dtype of the parameters kept in full precision (embeddings, norms, lm_head, biases).
-            float16 by default so the size is compared honestly with an fp16 checkpoint.
+        format: "qat-lightning-v1" / "native" (our safetensors layout, read by `load_exported`) or "gguf"
+            (a llama.cpp file of a quant=q4_0 / q8_0 student: its codes as they are, docs/GGUF.md).
+        scale_dtype: dtype of stored scales (native). float16 halves their size; the loader decodes with
+            exactly the stored values, so the exported model is self-consistent whatever is chosen.
+        fp_dtype: dtype of the parameters kept in full precision (native: embeddings, norms, lm_head,
+            biases). float16 by default so the size is compared honestly with an fp16 checkpoint.
+        gguf_file: file name of the GGUF inside `out_dir`.
+        gguf_dtype: f16 | f32, the GGUF type of tensors that are not quantized (norms are always F32).
+        gguf_source: the GGUF the model was converted from, whose tokenizer is copied verbatim; None: the
+            embedded model's (`models.smollm2_gguf_path()`) when model.source is smollm2, else the tokenizer
+            is written from the HF one.
+        gguf_tokenizer_pre: llama.cpp's pre-tokenizer name when the tokenizer is written from HF (e.g.
+            "llama-bpe"); None: llama.cpp's "default".
     """
 
     out_dir: str | None = None
     format: str = FORMAT_VERSION
     scale_dtype: str = "float16"
     fp_dtype: str = "float16"
+    gguf_file: str = "model.gguf"
+    gguf_dtype: str = "f16"
+    gguf_source: str | None = None
+    gguf_tokenizer_pre: str | None = None
 
     def __post_init__(self) -> None:
-        if self.format != FORMAT_VERSION:
-            raise ValueError(f"export.format must be {FORMAT_VERSION!r} (the only layout), got {self.format!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"export.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         for key in ("scale_dtype", "fp_dtype"):
             if getattr(self, key) not in FLOAT_DTYPES:
                 raise ValueError(f"export.{key} must be one of {FLOAT_DTYPES}, got {getattr(self, key)!r}")
+        if self.gguf_dtype not in GGUF_FLOAT_TYPES:
+            raise ValueError(f"export.gguf_dtype must be one of {GGUF_FLOAT_TYPES}, got {self.gguf_dtype!r}")
+        if not self.gguf_file.endswith(".gguf") or "/" in self.gguf_file:
+            raise ValueError(f"export.gguf_file must be a file name ending in .gguf, got {self.gguf_file!r}")
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.format == "gguf"

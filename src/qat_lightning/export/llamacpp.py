@@ -28,6 +28,8 @@ from qat_lightning.export.gguf import check_gguf
 __all__ = [
     "KV_TYPES",
     "EngineUnavailable",
+    "engine_ptq",
+    "kv_type_of",
     "kv_cache_bytes",
     "llamacpp_available",
     "llamacpp_logits",
@@ -35,6 +37,7 @@ __all__ = [
     "llamacpp_scores",
     "llamacpp_speed",
     "load_gguf",
+    "score_windows",
 ]
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
@@ -178,9 +181,10 @@ def llamacpp_scores(
     """llama.cpp's scores of a GGUF on the perplexity tasks of `eval_cfg` (an `EvalConfig` or its mapping).
 
     Returns ``{"<task>_ppl": ...}`` for each of wikitext2 / c4 / text in `eval_cfg.tasks` (same windows as
-    `evaluate_model`), plus ``kl`` and ``top1_agreement`` against `teacher` on the first corpus' windows when
-    a teacher (a model, or a function ids (1, T) -> logits (1, T, V)) is given. The evaluate stage stores
-    them as ``evaluate/gguf/<metric>``.
+    `evaluate_model`), plus ``<task>_kl`` and ``<task>_top1_agreement`` against `teacher` on the first
+    corpus' windows when a teacher (a model, or a function ids (1, T) -> logits (1, T, V)) is given (named
+    apart from the other methods' ``kl``, which is measured on held-out generated batches). The evaluate
+    stage stores them as ``evaluate/gguf/<metric>``.
     """
     from qat_lightning.eval import corpus_ids
     from qat_lightning.eval.config import EvalConfig
@@ -196,7 +200,8 @@ def llamacpp_scores(
             result = score_windows(llm, windows, teacher if i == 0 else None)
             metrics[f"{task}_ppl"] = float(result["ppl"])
             if "kl" in result:
-                metrics["kl"], metrics["top1_agreement"] = float(result["kl"]), float(result["top1_agreement"])
+                metrics[f"{task}_kl"] = float(result["kl"])
+                metrics[f"{task}_top1_agreement"] = float(result["top1_agreement"])
     finally:
         llm.close()
     return metrics
@@ -240,6 +245,42 @@ def llamacpp_quantize(
     finally:
         tmp.unlink(missing_ok=True)
     return {"path": str(dst), "file_size_bytes": dst.stat().st_size, "seconds": time.perf_counter() - t0}
+
+
+def kv_type_of(quant_cfg: Any) -> str:
+    """llama.cpp's KV cache type (-ctk/-ctv) that runs a student of `quant_cfg` as it was trained."""
+    bits = min(int(quant_cfg.kv_bits), 16)
+    if bits not in (4, 8, 16) or (bits < 16 and getattr(quant_cfg, "estimator", None) != "ggml"):
+        raise ValueError(f"no llama.cpp KV cache type for kv_bits={bits} with estimator {quant_cfg.estimator!r}")
+    return {16: "f16", 8: "q8_0", 4: "q4_0"}[bits]
+
+
+def engine_ptq(
+    teacher: torch.nn.Module,
+    tokenizer: Any,
+    work_dir: str | os.PathLike,
+    ftype: str = "q4_0",
+    *,
+    source_gguf: str | os.PathLike | None = None,
+    output_type: str | None = None,
+    token_embd_type: str | None = None,
+) -> Path:
+    """llama.cpp's own PTQ of the teacher: its F16 GGUF (written once) quantized by llama-quantize to `ftype`.
+
+    Returns the quantized file (`<work_dir>/teacher-<ftype>.gguf`); both files are reused when present.
+    """
+    from qat_lightning.export.gguf import export_gguf
+
+    work = Path(work_dir)
+    f16 = work / "teacher-f16.gguf"
+    if not f16.exists():
+        export_gguf(teacher, tokenizer, f16, source_gguf=source_gguf, dtype="f16")
+    if ftype == "f16":
+        return f16
+    out = work / f"teacher-{ftype}.gguf"
+    if not out.exists():
+        llamacpp_quantize(f16, out, ftype, output_type=output_type, token_embd_type=token_embd_type)
+    return out
 
 
 def kv_cache_bytes(n_ctx: int, n_layer: int, n_kv_heads: int, head_dim: int, kv_type: str) -> int:

@@ -1,0 +1,63 @@
+"""The trained student on disk: `<dir>/student.safetensors` + `<dir>/quant_config.json`.
+
+`evaluate` and `export` (in this run or a later one, via `student_path`) rebuild it from these two files and
+the teacher, without the Lightning checkpoint. Written with `atomic_dir`: a crash while saving keeps the
+previous good student.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qat_lightning.atomic import atomic_dir
+
+__all__ = ["STUDENT_QUANT", "STUDENT_WEIGHTS", "check_saved_student", "load_saved_student", "save_student"]
+
+STUDENT_WEIGHTS = "student.safetensors"
+STUDENT_QUANT = "quant_config.json"
+
+
+def save_student(state: dict[str, torch.Tensor], quant_cfg, out_dir: str | os.PathLike) -> Path:
+    """Write the student's weights and quant config as one folder, atomically."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        # tied weights share storage: safetensors wants distinct tensors
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp / STUDENT_WEIGHTS))
+        (tmp / STUDENT_QUANT).write_text(json.dumps(asdict(quant_cfg), indent=2))
+    return out_dir
+
+
+def check_saved_student(path: str | os.PathLike) -> Path:
+    """`path` as a Path if it holds a saved student; FileNotFoundError naming what is missing otherwise."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist (a saved student is the <run dir>/student folder of a run)")
+    for name in (STUDENT_WEIGHTS, STUDENT_QUANT):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a saved student: {name} is missing")
+    return path
+
+
+def load_saved_student(teacher: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """The saved student rebuilt on top of `teacher`'s architecture (teacher untouched)."""
+    from safetensors.torch import load_file
+
+    from qat_lightning.quant import QuantConfig, quantize_model
+
+    path = check_saved_student(path)
+    qcfg = QuantConfig(**json.loads((path / STUDENT_QUANT).read_text()))
+    student = quantize_model(teacher, qcfg)
+    missing, unexpected = student.load_state_dict(load_file(str(path / STUDENT_WEIGHTS)), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: student weights do not match the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return student.eval()

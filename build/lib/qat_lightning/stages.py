@@ -1,0 +1,189 @@
+"""The stages a run chains: quantize → generate → train → evaluate → export.
+
+Each stage reads the validated `RunConfig` and a `RunContext` (models loaded once, the corpus path, the
+trained student) and adds `"<stage>/<method>/<metric>"` numbers to the run's `results.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from torch import nn
+
+from qat_lightning.data.corpus import corpus_dir, ensure_corpus, reference_corpus_datamodule
+from qat_lightning.run.context import RunContext, global_rank, sample_batches, world_size
+
+__all__ = ["STAGE_FUNCTIONS", "RunContext", "corpus_dir", "global_rank", "run_stages", "world_size"]
+
+log = logging.getLogger("qat_lightning")
+
+
+# ---- quantize ------------------------------------------------------------------------------------
+def stage_quantize(ctx: RunContext) -> None:
+    """Build the (untrained) student and report what was quantized and how."""
+    from qat_lightning.quant import quant_summary, quantize_model
+
+    teacher, _ = ctx.teacher()
+    summary = quant_summary(quantize_model(teacher, ctx.cfg.quant))
+    log.info("student %s: %s", ctx.cfg.quant.setting, json.dumps(summary, default=str))
+    ctx.record("quantize", "student", {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+
+
+# ---- generate ------------------------------------------------------------------------------------
+def stage_generate(ctx: RunContext) -> None:
+    """The teacher writes its own training corpus (skipped, but recorded, when it is already complete)."""
+    ensure_corpus(ctx)
+
+
+# ---- train ---------------------------------------------------------------------------------------
+def stage_train(ctx: RunContext) -> None:
+    from qat_lightning.distill.trainer import train_student
+
+    train_student(ctx)
+
+
+# ---- evaluate ------------------------------------------------------------------------------------
+def _export_dir(ctx: RunContext) -> Path:
+    return Path(ctx.cfg.export.out_dir) if ctx.cfg.export.out_dir else ctx.run_dir / "export"
+
+
+def _method_model(ctx: RunContext, name: str) -> nn.Module:
+    """The model `evaluate` scores as `name`: a trained student, an export, or a post-training method's."""
+    teacher, _ = ctx.teacher()
+    if name == "export":  # what a user deploys: integer codes from disk, scored like everything else
+        from qat_lightning.export import load_exported
+
+        param = next(teacher.parameters())
+        return load_exported(_export_dir(ctx), device=param.device, dtype=param.dtype, weights="dequantized")
+    if name == "qat":
+        return ctx.student()
+    method = ctx.cfg.method(name)
+    calib = ctx.calib_batches() if method.needs_calibration else None
+    return method.build(teacher, ctx.cfg.quant, calib)
+
+
+def stage_evaluate(ctx: RunContext) -> dict[str, dict[str, float]]:
+    """Score the teacher, the QAT student and every configured baseline the same way; print the table."""
+    from qat_lightning.eval import evaluate_model
+
+    cfg = ctx.cfg
+    teacher, tokenizer = ctx.teacher()
+    heldout = None
+    if "kl" in cfg.evaluate.tasks:
+        kl_dm = ctx.datamodule() if cfg.evaluate.kl_data == "own" else reference_corpus_datamodule(ctx)
+        heldout = sample_batches(kl_dm, "val", cfg.evaluate.kl_batches)
+    table: dict[str, dict[str, float]] = {}
+    for name in cfg.evaluate.methods:
+        metrics = _cached_scores(ctx, name, heldout)
+        if metrics is None:
+            model = _method_model(ctx, name)
+            model.eval()
+            metrics = evaluate_model(model, tokenizer, cfg.evaluate, teacher=teacher, heldout_batches=heldout)
+        table[name] = metrics
+        ctx.record("evaluate", name, metrics)
+        log.info("evaluate %s: %s", name, metrics)
+    text = format_table(table, title=f"{cfg.name} ({cfg.quant.setting})")
+    print(text, flush=True)
+    if ctx.rank == 0:
+        from qat_lightning.atomic import write_text_atomic
+
+        write_text_atomic(ctx.run_dir / "results.md", text + "\n")
+    return table
+
+
+def _cached_scores(ctx: RunContext, name: str, heldout: list[dict] | None) -> dict | None:
+    """Scores of a post-training method from `evaluate.cache`, computing (and storing) the missing tasks.
+
+    The key is what decides the score: the method's resolved node (name + parameters), the model and quant
+    configs, the calibration batches' bytes, per task its settings and data, and the package's source hash
+    (`eval/cache.py`). None when the method is not cacheable (QAT, export, lm-eval tasks) or the cache is off.
+    """
+    from dataclasses import replace
+
+    from qat_lightning.eval import evaluate_model
+    from qat_lightning.eval.cache import EvalCache, batches_digest, task_parts
+
+    cfg = ctx.cfg
+    if not cfg.evaluate.cache or name not in cfg.methods or cfg.evaluate.lm_eval_tasks:
+        return None
+    method = cfg.method(name)
+    cache = EvalCache(Path(cfg.paths.data_dir) / "eval_cache")
+    base = {"method": method.identity(), "model": {k: v for k, v in asdict(cfg.model).items() if k != "cache_dir"}}
+    if name != "fp":
+        base["quant"] = asdict(cfg.quant)
+    if method.needs_calibration:
+        base["calib"] = batches_digest(ctx.calib_batches())
+    teacher, tokenizer = ctx.teacher()
+    model = None
+    metrics: dict[str, float] = {}
+    for task in cfg.evaluate.tasks:
+        parts = {**base, **task_parts(cfg.evaluate, task, heldout)}
+        hit = cache.get(parts)
+        if hit is None:
+            if model is None:
+                model = _method_model(ctx, name)
+                model.eval()
+            one_task = replace(cfg.evaluate, tasks=[task], lm_eval_tasks=[])
+            hit = evaluate_model(model, tokenizer, one_task, teacher=teacher, heldout_batches=heldout)
+            if hit:  # an empty result (kl without held-out data) is not a score
+                cache.put(parts, hit)
+        else:
+            log.info("evaluate %s/%s: cached", name, task)
+        metrics.update(hit)
+    return metrics
+
+
+def format_table(table: dict[str, dict[str, float]], title: str = "") -> str:
+    metrics: list[str] = []
+    for row in table.values():
+        metrics += [m for m in row if m not in metrics]
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| method | " + " | ".join(metrics) + " |")
+    lines.append("|---|" + "---|" * len(metrics))
+    for method, row in table.items():
+        cells = [f"{row[m]:.4g}" if m in row and row[m] is not None else "-" for m in metrics]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---- export --------------------------------------------------------------------------------------
+def stage_export(ctx: RunContext) -> None:
+    """Write the trained student as real integers (`export.format`)."""
+    from qat_lightning.export import export_student
+
+    cfg = ctx.cfg
+    student = ctx.student()
+    _, tokenizer = ctx.teacher()
+    out = _export_dir(ctx)
+    stats = export_student(
+        student, out, tokenizer=tokenizer, extra_meta={"experiment": cfg.name},
+        scale_dtype=cfg.export.scale_dtype, fp_dtype=cfg.export.fp_dtype,
+    )
+    log.info("exported to %s: %s", out, stats)
+    ctx.record("export", "student", {k: v for k, v in stats.items() if isinstance(v, (int, float))})
+
+
+STAGE_FUNCTIONS = {
+    "quantize": stage_quantize,
+    "generate": stage_generate,
+    "train": stage_train,
+    "evaluate": stage_evaluate,
+    "export": stage_export,
+}
+
+
+def run_stages(ctx: RunContext) -> None:
+    """Run `cfg.stages` in order; every finished run leaves its `results.json` (even with nothing to add)."""
+    try:
+        for stage in ctx.cfg.stages:
+            log.info("stage %s", stage)
+            STAGE_FUNCTIONS[stage](ctx)
+            if stage == "train" and ctx.rank != 0:
+                return  # extra ranks exist for training; rank 0 evaluates and exports
+    finally:
+        if ctx.results is not None:
+            ctx.results.write()
+        ctx.close_logger()
