@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -426,3 +428,38 @@ def test_kv_smoothing_cuts_kv4_error_and_strength_0_is_rtn():
     assert err_identity == pytest.approx(err_rtn, rel=1e-4)
     with pytest.raises(ValueError, match="strength"):
         kv_smooth(teacher, qcfg, batches, strength=1.5)
+
+
+def test_a_new_method_is_one_registered_class(tmp_path):
+    """Adding a post-training method: one dataclass registered in its module. It is then a config node
+    (`methods.<name>.<param>` on the command line), an `evaluate.methods` entry and an `init=` choice."""
+    from conftest import compose
+    from qat_lightning.baselines.method import _REGISTRY, register
+    from qat_lightning.config import register_configs, validate_config
+
+    @register
+    @dataclass
+    class HalfRTN(Method):  # RTN of the teacher with every weight scaled by `factor` (a toy rewrite)
+        name: ClassVar[str] = "halfrtn"
+        factor: float = 0.5
+
+        def transform(self, model, qcfg, calib_batches):
+            import copy
+
+            out = copy.deepcopy(model)
+            with torch.no_grad():
+                for p in out.parameters():
+                    p.mul_(self.factor)
+            return out
+
+    try:
+        register_configs()
+        cfg = validate_config(compose(["+exp=tiny_w4a8kv4", "paths.output_dir=/tmp/x", "methods.halfrtn.factor=0.25",
+                                       "evaluate.methods=[fp,halfrtn]", "init=halfrtn"]))
+        assert cfg.method("halfrtn").factor == 0.25 and cfg.init == "halfrtn"
+        teacher = tiny_llama()
+        w = cfg.method("halfrtn").transform(teacher, cfg.quant, None).lm_head.weight
+        assert torch.allclose(w, 0.25 * teacher.lm_head.weight)
+    finally:
+        _REGISTRY.pop("halfrtn", None)
+        register_configs()

@@ -238,9 +238,10 @@ def test_init_sets_where_qat_starts(init, tmp_path):
 
 
 def test_kvsmooth_strength_reaches_the_init_and_the_baseline(tmp_path):
-    """methods.kvsmooth.strength=0 is the identity rewrite: the kvsmooth baseline and QAT's start (one object) are RTN's."""
-    results, _ = _in_process(["stages=[train,evaluate]", "init=kvsmooth", "methods.kvsmooth.strength=0", "trainer.max_steps=1",
-                              "optim.lr=1e-12", "logger=none", "evaluate.methods=[rtn,kvsmooth,qat]",
-                              "evaluate.tasks=[kl]"], tmp_path)
+    """methods.kvsmooth.strength=0 is the identity rewrite: the kvsmooth baseline and QAT's start (one object)
+    are RTN's."""
+    results, _ = _in_process(["stages=[train,evaluate]", "init=kvsmooth", "methods.kvsmooth.strength=0",
+                              "trainer.max_steps=1", "optim.lr=1e-12", "logger=none",
+                              "evaluate.methods=[rtn,kvsmooth,qat]", "evaluate.tasks=[kl]"], tmp_path)
     kl = {m: results[f"evaluate/{m}/kl"] for m in ("rtn", "kvsmooth", "qat")}
     assert kl["kvsmooth"] == pytest.approx(kl["rtn"], rel=1e-5) and kl["qat"] == pytest.approx(kl["rtn"], rel=1e-5)

@@ -107,7 +107,8 @@ def quant_summary(model: nn.Module) -> dict[str, int]:
 
     Keys: num_quant_linears (QuantLinear modules), num_quantized_linears (with any spec enabled),
     w{b}_linears / a{b}_linears (counts by bit width, 16 = full precision), kv_quantized (linears whose
-    output is quantized: k_proj and v_proj of each block with a KV quantizer), lsq_params (elements of learnable scales), quantized_embeddings.
+    output is quantized: k_proj and v_proj of each block with a KV quantizer), lsq_params (elements of
+    learnable scales), quantized_embeddings.
     """
     out: dict[str, int] = {"num_quant_linears": 0, "num_quantized_linears": 0, "kv_quantized": 0, "lsq_params": 0}
     w_bits, a_bits = Counter(), Counter()
