@@ -10,7 +10,8 @@ placement, where `r1r2r3r4` also makes sense). Prints a markdown table; `--out` 
 
 `--errors N` instead prints the relative RTN error of every linear's weight (W4 per channel), input (A8 and A4
 per token) and weight-only output (all tokens; first token) on the first N WikiText-2 tokens, before and after
-R1+R2+R4 (`rotate.metrics`).
+R1+R2+R4 (`rotate.metrics`). `--ablate` prints perplexity with one error source at a time (W4, W4 on q/k/v
+only, A8, A4, KV4) for the teacher, the teacher with norms folded only, R1+R2 and R1+R2+R4.
 """
 
 from __future__ import annotations
@@ -65,6 +66,35 @@ def print_errors(teacher: torch.nn.Module, ids: torch.Tensor, n_tokens: int, arg
         print(f"| {key} | " + " | ".join(f"{c:.3g}" if isinstance(c, float) else c for c in cells) + " |")
 
 
+ABLATIONS = {  # one error source at a time (16 = full precision)
+    "W4": dict(w_bits=4, a_bits=16, kv_bits=16),
+    "W4 q/k/v only": dict(w_bits=16, a_bits=16, kv_bits=16, overrides=[{"pattern": "q_proj|k_proj|v_proj",
+                                                                         "w_bits": 4}]),
+    "A8": dict(w_bits=16, a_bits=8, kv_bits=16),
+    "A4": dict(w_bits=16, a_bits=4, kv_bits=16),
+    "KV4": dict(w_bits=16, a_bits=16, kv_bits=4),
+}
+
+
+def print_ablation(teacher: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> None:
+    """Perplexity with one error source at a time, for the teacher, norms folded only, R1+R2 and R1+R2+R4."""
+    import copy
+
+    from qat_lightning.rotate import fold_norms
+
+    seed = args.seeds[0]
+    models = {"teacher": teacher, "fold only": fold_norms(copy.deepcopy(teacher)),
+              "r1r2": rotate_model(teacher, seed=seed, kind=args.kind),
+              "r1r2r4": rotate_model(teacher, r4=True, seed=seed, kind=args.kind)}
+    print(f"\nfp {ppl(teacher, ids, args):.2f}; seq {args.seq_len} x {args.windows} windows, KV {args.kv_placement}\n")
+    print("| quantized | " + " | ".join(models) + " |")
+    print("|---|" + "---|" * len(models))
+    for name, kw in ABLATIONS.items():
+        cfg = QuantConfig(**kw, kv_placement=args.kv_placement)
+        cells = [f"{ppl(rtn(m, cfg), ids, args):.2f}" for m in models.values()]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", nargs="+", default=["W4A8KV4", "W4A4KV4"])
@@ -77,6 +107,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-baselines", action="store_true", help="skip the fp and rtn rows (e.g. for more seeds)")
+    ap.add_argument("--ablate", action="store_true", help="print perplexity with one error source at a time")
     ap.add_argument("--errors", type=int, default=0, metavar="N", help="print RTN errors on N tokens and exit")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,16 +120,21 @@ def main() -> None:
     if args.errors:
         print_errors(teacher, ids, args.errors, args)
         return
-    fp = ppl(teacher, ids, args)
-    rows: list[dict] = [{"method": "fp", "rotation": "-", "seed": "-", **{s: fp for s in args.settings}}]
-    print(f"fp done ({time.time() - start:.0f} s)", flush=True)
-
+    if args.ablate:
+        print_ablation(teacher, ids, args)
+        print(f"wall {time.time() - start:.0f} s")
+        return
     def qcfg(setting: str) -> QuantConfig:
         return QuantConfig(**parse_setting(setting), kv_placement=args.kv_placement)
 
-    rows.append({"method": "rtn", "rotation": "-", "seed": "-",
-                 **{s: ppl(rtn(teacher, qcfg(s)), ids, args) for s in args.settings}})
-    print(f"rtn done ({time.time() - start:.0f} s)", flush=True)
+    rows: list[dict] = []
+    if not args.no_baselines:
+        fp = ppl(teacher, ids, args)
+        rows.append({"method": "fp", "rotation": "-", "seed": "-", **{s: fp for s in args.settings}})
+        print(f"fp done ({time.time() - start:.0f} s)", flush=True)
+        rows.append({"method": "rtn", "rotation": "-", "seed": "-",
+                     **{s: ppl(rtn(teacher, qcfg(s)), ids, args) for s in args.settings}})
+        print(f"rtn done ({time.time() - start:.0f} s)", flush=True)
     for name in args.rotations:
         for seed in args.seeds:
             kw = dict(ROTATIONS[name])

@@ -203,6 +203,29 @@ def test_quantize_model_after_rotation_keeps_online_r4():
     assert torch.isfinite(logits(student)).all()
 
 
+def test_gptq_on_a_rotated_model_uses_the_rotated_down_proj_input():
+    from qat_lightning.baselines.gptq import gptq
+    from qat_lightning.baselines.rtn import rtn
+
+    teacher = tiny()
+    rotated = rotate_model(teacher, r4=True)
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(2))
+    # W4 on down_proj only: its GPTQ Hessian must come from the rotated input (the prepended R4 hook runs first)
+    qcfg = QuantConfig(w_bits=16, a_bits=16, kv_bits=16, overrides=[{"pattern": "down_proj", "w_bits": 4}])
+    ref = logits(teacher, ids)
+    err_gptq = rel_err(logits(gptq(rotated, qcfg, [{"input_ids": ids}]), ids), ref)  # quarot_gptq
+    err_rtn = rel_err(logits(rtn(rotated, qcfg), ids), ref)
+    assert err_gptq < 0.7 * err_rtn
+
+
+def test_rotated_student_trains_through_the_online_rotations():
+    student = quantize_model(rotate_model(tiny(), r3=True, r4=True), QuantConfig(w_bits=4, a_bits=8, kv_bits=4))
+    student.train()
+    student(input_ids=IDS, labels=IDS).loss.backward()
+    grads = [p.grad for n, p in student.named_parameters() if "down_proj" in n or "q_proj" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
 def test_r3_runs_before_a_post_rope_kv_quantizer():
     teacher = tiny()
     ref = logits(teacher)
@@ -240,6 +263,16 @@ def test_rotation_lowers_rtn_error_on_outlier_channels(a_bits):
     assert rot["act"] < 0.8 * base["act"]
     for leaf in ("q_proj", "gate_proj", "down_proj"):  # the inputs R1 and R4 rotate
         assert rot[f"act/{leaf}"] < base[f"act/{leaf}"]
+
+
+def test_the_seed_changes_what_rtn_sees():
+    # regression: signs applied after H (H diag(s)) only flip channel signs, which symmetric RTN ignores,
+    # so every seed quantized identically; diag(s) H mixes differently signed inputs
+    teacher = outlier_tiny()
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    w, a = QuantSpec(bits=4, granularity="channel"), QuantSpec(bits=4, granularity="token")
+    e0, e1 = (quantization_error(rotate_model(teacher, r4=True, seed=s), ids, w, a) for s in (0, 1))
+    assert all(e0[k] != e1[k] for k in ("weight/q_proj", "weight/down_proj", "act/q_proj", "act/down_proj"))
 
 
 # ---- SmolLM2-135M -----------------------------------------------------------------------------------------

@@ -238,7 +238,10 @@ def llamacpp_quantize(
         params.token_embedding_type = _ggml_type(token_embd_type)
     t0 = time.perf_counter()
     try:
-        rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=False):  # llama-quantize logs every tensor to stderr
+            rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) failed with code {rc}")
         os.replace(tmp, dst)

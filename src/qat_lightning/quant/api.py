@@ -80,8 +80,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | Mapping, inplace: bool =
     if cfg.quantize_embeddings:
         emb = student.get_input_embeddings()
         spec = cfg.weight_spec("model.embed_tokens")
-        if spec.granularity != "channel" or spec.learnable:
-            raise ValueError("quantize_embeddings needs w_granularity='channel' and lsq=False (one scale per row)")
+        # a row (or llama.cpp's blocks of a row, estimator ggml) per token: what a lookup table can be stored as
+        if spec.granularity not in ("channel", "group") or spec.learnable:
+            raise ValueError("quantize_embeddings needs w_granularity channel or group and lsq=False")
         student.set_input_embeddings(QuantEmbedding.from_embedding(emb, spec))
 
     student.quant_config = cfg
