@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from qat_lightning.eval import corpus_ids
-from qat_lightning.eval.perplexity import perplexity
+from qat_lightning.eval.perplexity import perplexity, token_nll
 from qat_lightning.export.gguf import export_gguf
 from qat_lightning.export.llamacpp import (
     kv_cache_bytes,
@@ -40,6 +41,7 @@ from qat_lightning.export.llamacpp import (
     llamacpp_quantize,
     llamacpp_speed,
     load_gguf,
+    logits_fn,
     score_windows,
 )
 from qat_lightning.models import load_model
@@ -47,8 +49,9 @@ from qat_lightning.models.smollm2 import smollm2_gguf_path
 from qat_lightning.quant import QuantConfig, quantize_model
 
 KV_BITS = {"f16": 16, "q8_0": 8, "q4_0": 4}
-SPEED_ROWS = [  # (row, file, KV type)
-    ("F16", "f16", "f16"), ("Q8_0", "q8_0", "f16"), ("Q4_0", "q4_0", "f16"), ("Q4_0 + q4_0 KV", "q4_0", "q4_0"),
+SPEED_ROWS = [  # (row, file, KV type); "ours": our RTN student's GGUF (same tensor types as llama.cpp's Q4_0)
+    ("F16", "f16", "f16"), ("Q8_0", "q8_0", "f16"), ("Q4_0", "q4_0", "f16"), ("Q4_0 ours", "rtn_q4_0", "f16"),
+    ("Q4_0 + q4_0 KV", "q4_0", "q4_0"), ("Q4_0 ours + q4_0 KV", "rtn_q4_0", "q4_0"),
 ]
 
 
@@ -83,17 +86,19 @@ def build_files(work: Path, teacher: torch.nn.Module, tokenizer, student_gguf: s
     return files
 
 
-def speed(files: dict[str, Path], contexts: list[int], n_gen: int, repeats: int, threads: int) -> list[dict]:
+def speed(files: dict[str, Path], contexts: list[int], n_gen: int, repeats: int, threads: int,
+          only: list[str] | None = None) -> list[dict]:
     """Interleaved timing: every row once per round, medians over rounds."""
     rows = []
+    chosen = [r for r in SPEED_ROWS if not only or r[0] in only]
     for ctx in contexts:
         llms = {name: load_gguf(files[f], n_ctx=ctx, kv_type=kv, n_threads=threads, logits_all=False)
-                for name, f, kv in SPEED_ROWS}
+                for name, f, kv in chosen}
         times: dict[str, list[dict]] = {name: [] for name in llms}
         for _ in range(repeats):
             for name, llm in llms.items():
                 times[name].append(llamacpp_speed(files["f16"], context=ctx, n_gen=n_gen, llm=llm))
-        for name, f, kv in SPEED_ROWS:
+        for name, f, kv in chosen:
             llms[name].close()
             rows.append({
                 "file": name, "context": ctx, "size_mb": files[f].stat().st_size / 1e6,
@@ -104,7 +109,8 @@ def speed(files: dict[str, Path], contexts: list[int], n_gen: int, repeats: int,
     return rows
 
 
-def quality(files: dict[str, Path], teacher, tokenizer, harness: bool, threads: int, seq_len: int, windows: int):
+def quality(files: dict[str, Path], teacher, tokenizer, harness: bool, threads: int, seq_len: int, windows: int,
+            names: list[str] | None = None, kv_types: list[str] | None = None):
     ids = corpus_ids(tokenizer, "wikitext2")
     w = ids[: (ids.numel() // seq_len) * seq_len].view(-1, seq_len)[:windows]
     cache: dict[int, torch.Tensor] = {}
@@ -117,17 +123,27 @@ def quality(files: dict[str, Path], teacher, tokenizer, harness: bool, threads: 
         return cache[key]
 
     rows = []
-    for name in [n for n in ("f16", "q4_0", "rtn_q4_0", "student") if n in files]:
-        for kv in KV_BITS:
+    for name in [n for n in ("f16", "q4_0", "rtn_q4_0", "student") if n in files and (not names or n in names)]:
+        for kv in kv_types or list(KV_BITS):
             t0 = time.perf_counter()
             llm = load_gguf(files[name], n_ctx=seq_len, kv_type=kv, n_threads=threads)
             r = score_windows(llm, w, teacher_fn)
             llm.close()
             row = {"file": name, "kv": kv, "ppl": r["ppl"], "kl": r["kl"], "top1": r["top1_agreement"],
                    "seconds": time.perf_counter() - t0}
-            if harness and name == "rtn_q4_0":
-                student = quantize_model(teacher, q4_0_config(kv))
-                row["harness_ppl"] = perplexity(student, ids, seq_len, max_windows=windows)["ppl"]
+            if harness and name == "rtn_q4_0":  # the same student in PyTorch: its perplexity, and llama.cpp vs it
+                student_fn, nll = logits_fn(quantize_model(teacher, q4_0_config(kv))), []
+
+                def scored(x: torch.Tensor) -> torch.Tensor:  # the student's logits, its NLL kept on the way
+                    logits = student_fn(x)
+                    nll.append(token_nll(logits, x).double().sum())
+                    return logits
+
+                llm = load_gguf(files[name], n_ctx=seq_len, kv_type=kv, n_threads=threads)
+                s = score_windows(llm, w, scored)
+                llm.close()
+                harness_ppl = math.exp(float(sum(nll)) / (w.shape[0] * (seq_len - 1)))  # = eval.perplexity's
+                row.update(harness_ppl=harness_ppl, kl_student=s["kl"], top1_student=s["top1_agreement"])
             if harness and name == "f16" and kv == "f16":
                 row["harness_ppl"] = perplexity(teacher, ids, seq_len, max_windows=windows)["ppl"]
             rows.append(row)
@@ -147,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--files", nargs="+", default=None, help="--quality rows: f16 q4_0 rtn_q4_0 student (default all)")
+    p.add_argument("--kv", nargs="+", default=list(KV_BITS), help="with --quality: only these KV cache types")
+    p.add_argument("--rows", nargs="+", default=None, help="speed rows to time (default all), e.g. 'Q4_0' 'Q4_0 ours'")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     if not llamacpp_available():
@@ -156,13 +175,16 @@ def main(argv: list[str] | None = None) -> None:
     teacher, tokenizer = load_model({"source": "smollm2"})
     files = build_files(Path(args.work), teacher, tokenizer, args.student)
     if args.quality:
-        rows = quality(files, teacher, tokenizer, args.harness, args.threads, args.seq_len, args.windows)
-        print("\n| file | KV | llama.cpp ppl | KL(teacher‖engine) | top-1 | harness ppl |\n|---|---|---|---|---|---|")
+        rows = quality(files, teacher, tokenizer, args.harness, args.threads, args.seq_len, args.windows,
+                       args.files, args.kv)
+        print("\n| file | KV | llama.cpp ppl | KL(teacher‖engine) | top-1 | harness ppl | KL(student‖engine) | top-1 |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             h = f"{r['harness_ppl']:.2f}" if "harness_ppl" in r else "-"
-            print(f"| {r['file']} | {r['kv']} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} | {h} |")
+            a = f"{r['kl_student']:.2e} | {r['top1_student']:.4f}" if "kl_student" in r else "- | -"
+            print(f"| {r['file']} | {r['kv']} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} | {h} | {a} |")
     else:
-        rows = speed(files, args.contexts, args.n_gen, args.repeats, args.threads)
+        rows = speed(files, args.contexts, args.n_gen, args.repeats, args.threads, args.rows)
         print("\n| file | context | size MB | KV MB | prompt tok/s | decode tok/s |\n|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['file']} | {r['context']} | {r['size_mb']:.1f} | {r['kv_mb']:.1f} | "

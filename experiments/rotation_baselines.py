@@ -29,7 +29,7 @@ from qat_lightning.eval import corpus_ids
 from qat_lightning.eval.perplexity import perplexity
 from qat_lightning.models import load_model
 from qat_lightning.quant import QuantConfig, QuantSpec
-from qat_lightning.rotate import attach_online_rotations, attach_r3, rotate_model
+from qat_lightning.rotate import attach_online_rotations, rotate_model
 from qat_lightning.rotate.metrics import quantization_error
 
 ROTATIONS = {"r1r2": dict(r1=True, r2=True), "r1r2r4": dict(r1=True, r2=True, r4=True)}
@@ -137,14 +137,10 @@ def main() -> None:
         print(f"rtn done ({time.time() - start:.0f} s)", flush=True)
     for name in args.rotations:
         for seed in args.seeds:
-            kw = dict(ROTATIONS[name])
-            r3 = kw.pop("r3", False)
-            rotated = rotate_model(teacher, **kw, seed=seed, kind=args.kind)
+            rotated = rotate_model(teacher, **ROTATIONS[name], seed=seed, kind=args.kind)
             row = {"method": "quarot_rtn", "rotation": name, "seed": seed}
             for s in args.settings:
-                student = attach_online_rotations(rtn(rotated, qcfg(s)))
-                if r3:  # after quantize_model, so R3 wraps quant/kv.py's post-RoPE attention (docs/ROTATIONS.md)
-                    attach_r3(student, args.kind, seed)
+                student = attach_online_rotations(rtn(rotated, qcfg(s)))  # what methods.quarot does
                 row[s] = ppl(student, ids, args)
                 del student
             rows.append(row)

@@ -178,7 +178,8 @@ def test_adamw_kernels_take_the_same_step_as_the_per_tensor_loop(impl):
         student = quantize_model(copy.deepcopy(teacher), QuantConfig(w_bits=4, a_bits=8, kv_bits=4))
         student.requires_grad_(True)  # the module froze the shared teacher the copy was made from
         module = DistillationModule(teacher, student, LossConfig(), OptimConfig(lr=1e-3, implementation=name,
-                                                                                  scheduler="constant"))
+                                                                                  scheduler="constant",
+                                                                                  warmup_steps=0))
         opt = module.configure_optimizers()
         assert opt.defaults["fused" if name == "fused" else "foreach"] is (name != "loop")
         with torch.no_grad():

@@ -137,9 +137,11 @@ def _cached_scores(ctx: RunContext, name: str, heldout: list[dict] | None) -> di
 
 
 def format_table(table: dict[str, dict[str, float]], title: str = "") -> str:
+    """The printed table; standard errors and item counts stay in results.json (experiments/collect.py shows
+    the paper's zero-shot layout)."""
     metrics: list[str] = []
     for row in table.values():
-        metrics += [m for m in row if m not in metrics]
+        metrics += [m for m in row if m not in metrics and not m.endswith(("_stderr", "_n", "_n_total"))]
     lines = [f"### {title}", ""] if title else []
     lines.append("| method | " + " | ".join(metrics) + " |")
     lines.append("|---|" + "---|" * len(metrics))

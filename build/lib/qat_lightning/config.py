@@ -32,6 +32,8 @@ from qat_lightning.models.config import ModelConfig
 from qat_lightning.quant.spec import QuantConfig
 
 STAGES = ("quantize", "generate", "train", "evaluate", "export")
+# init names that read better than their method's: QAT from the teacher (fp), from the rotated teacher (quarot)
+INIT_ALIASES = {"teacher": "fp", "rotate": "quarot"}
 
 
 class ConfigError(ValueError):
@@ -86,8 +88,8 @@ class RunConfig:
             raise ValueError(f"calib_batches must be >= 1, got {self.calib_batches}")
 
     def method(self, name: str):
-        """The configured `Method` object called `name` ("teacher" is the FP method)."""
-        return self.methods["fp" if name == "teacher" else name]
+        """The configured `Method` object called `name` (or an alias of `INIT_ALIASES`)."""
+        return self.methods[INIT_ALIASES.get(name, name)]
 
 
 _SECTIONS = {f.name: f for f in fields(RunConfig)}
@@ -181,17 +183,26 @@ def _check_across_sections(cfg: RunConfig) -> None:
     bad = [m for m in cfg.evaluate.methods if m not in valid]
     if bad:
         raise ConfigError(f"unknown evaluate method(s) {bad}; valid: {', '.join(valid)}")
-    if cfg.init != "teacher" and cfg.init not in cfg.methods:
-        raise ConfigError(f"init must be teacher or a method ({', '.join(sorted(cfg.methods))}); got {cfg.init!r}")
+    if INIT_ALIASES.get(cfg.init, cfg.init) not in cfg.methods:
+        choices = ", ".join([*INIT_ALIASES, *sorted(cfg.methods)])
+        raise ConfigError(f"init must be one of {choices}; got {cfg.init!r}")
     _check_trained_student(cfg)
-    if "export" in cfg.evaluate.methods and "evaluate" in cfg.stages:
-        # the exported integer model is scored from disk: something must have written it before evaluate
+    for scored in ("export", "gguf"):
+        if scored not in cfg.evaluate.methods or "evaluate" not in cfg.stages:
+            continue
+        # an export is scored from disk: something must have written it before evaluate
         if "export" in cfg.stages and cfg.stages.index("export") > cfg.stages.index("evaluate"):
-            raise ConfigError("evaluate.methods has 'export' but the export stage runs after evaluate: "
+            raise ConfigError(f"evaluate.methods has '{scored}' but the export stage runs after evaluate: "
                               "list it first, e.g. stages=[generate,train,export,evaluate]")
         if "export" not in cfg.stages and not cfg.export.out_dir:
-            raise ConfigError("evaluate.methods has 'export' but nothing is exported: add 'export' before "
+            raise ConfigError(f"evaluate.methods has '{scored}' but nothing is exported: add 'export' before "
                               "'evaluate' in stages, or set export.out_dir=<an export folder>")
+        if scored == "gguf" and "export" in cfg.stages and not cfg.export.is_gguf:
+            raise ConfigError("evaluate.methods has 'gguf' but the export stage writes export.format="
+                              f"{cfg.export.format}: set export.format=gguf")
+        if scored == "export" and "export" in cfg.stages and cfg.export.is_gguf:
+            raise ConfigError("evaluate.methods has 'export' (our safetensors layout) but export.format=gguf: "
+                              "score the GGUF with evaluate.methods=[...,gguf]")
     _check_no_eval_leak(cfg)
 
 

@@ -77,7 +77,7 @@ def stage_evaluate(ctx: RunContext) -> dict[str, dict[str, float]]:
         heldout = sample_batches(kl_dm, "val", cfg.evaluate.kl_batches)
     table: dict[str, dict[str, float]] = {}
     for name in cfg.evaluate.methods:
-        metrics = _cached_scores(ctx, name, heldout)
+        metrics = _gguf_scores(ctx) if name == "gguf" else _cached_scores(ctx, name, heldout)
         if metrics is None:
             model = _method_model(ctx, name)
             model.eval()
@@ -151,19 +151,58 @@ def format_table(table: dict[str, dict[str, float]], title: str = "") -> str:
 
 # ---- export --------------------------------------------------------------------------------------
 def stage_export(ctx: RunContext) -> None:
-    """Write the trained student as real integers (`export.format`)."""
-    from qat_lightning.export import export_student
-
+    """Write the trained student as real integers: our safetensors layout, or a llama.cpp GGUF."""
     cfg = ctx.cfg
     student = ctx.student()
     _, tokenizer = ctx.teacher()
     out = _export_dir(ctx)
-    stats = export_student(
-        student, out, tokenizer=tokenizer, extra_meta={"experiment": cfg.name},
-        scale_dtype=cfg.export.scale_dtype, fp_dtype=cfg.export.fp_dtype,
-    )
+    if cfg.export.is_gguf:
+        from qat_lightning.export.gguf import export_gguf
+
+        stats = export_gguf(student, tokenizer, out / cfg.export.gguf_file, source_gguf=_source_gguf(ctx),
+                            dtype=cfg.export.gguf_dtype, tokenizer_pre=cfg.export.gguf_tokenizer_pre)
+        log.info("run it: llama-cli -m %s -ctk %s -ctv %s -fa on (docs/GGUF.md)", stats["path"],
+                 *(2 * [_kv_type(ctx)]))
+    else:
+        from qat_lightning.export import export_student
+
+        stats = export_student(
+            student, out, tokenizer=tokenizer, extra_meta={"experiment": cfg.name},
+            scale_dtype=cfg.export.scale_dtype, fp_dtype=cfg.export.fp_dtype,
+        )
     log.info("exported to %s: %s", out, stats)
-    ctx.record("export", "student", {k: v for k, v in stats.items() if isinstance(v, (int, float))})
+    ctx.record("export", "student", {k: v for k, v in stats.items() if isinstance(v, (int, float))
+                                     and not isinstance(v, bool)})
+
+
+def _source_gguf(ctx: RunContext) -> str | None:
+    """The GGUF whose tokenizer an export copies: configured, or the embedded model's file."""
+    if ctx.cfg.export.gguf_source:
+        return ctx.cfg.export.gguf_source
+    if ctx.cfg.model.source == "smollm2":
+        from qat_lightning.models import smollm2_gguf_path
+
+        return str(smollm2_gguf_path())
+    return None
+
+
+def _kv_type(ctx: RunContext) -> str:
+    """llama.cpp's KV cache type for this run's student (f16 when its KV is not in a llama.cpp format)."""
+    from qat_lightning.export.llamacpp import kv_type_of
+
+    try:
+        return kv_type_of(ctx.cfg.quant)
+    except ValueError:
+        return "f16"
+
+
+def _gguf_scores(ctx: RunContext) -> dict[str, float]:
+    """The exported GGUF scored by llama.cpp itself on the perplexity tasks (KL/top-1 to the teacher too)."""
+    from qat_lightning.export.llamacpp import llamacpp_scores
+
+    teacher, tokenizer = ctx.teacher()
+    path = _export_dir(ctx) / ctx.cfg.export.gguf_file
+    return llamacpp_scores(path, tokenizer, ctx.cfg.evaluate, kv_type=_kv_type(ctx), teacher=teacher)
 
 
 STAGE_FUNCTIONS = {

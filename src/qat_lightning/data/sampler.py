@@ -48,6 +48,14 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.skip_batches = skip_batches
 
+    # Lightning's resumable-loader interface: the position is restored from its own loop progress (see the
+    # module docstring), so the loader's state holds nothing of its own
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def __iter__(self):
         it = super().__iter__()
         skip, self.skip_batches = self.skip_batches, 0

@@ -201,7 +201,7 @@ def export_student(
 
     size = (out_dir / SAFETENSORS_FILE).stat().st_size
     fp16 = _fp16_bytes(student)
-    if "alias" in modules.get(head_name or "", {}):
+    if "alias" in modules.get(head_name or "", {}) and head.weight is not emb.weight:
         fp16 -= 2 * head.weight.numel()  # quantize_model untied a tied lm_head only to quantize it
     emb_keys = [k for k in tensors if k.startswith((f"{emb_name}.", f"{head_name}."))]
     stats.update(

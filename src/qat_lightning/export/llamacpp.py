@@ -37,6 +37,7 @@ __all__ = [
     "llamacpp_scores",
     "llamacpp_speed",
     "load_gguf",
+    "logits_fn",
     "score_windows",
 ]
 
@@ -129,7 +130,8 @@ def _windows(token_ids: torch.Tensor, seq_len: int, max_windows: int | None) -> 
 TeacherFn = Callable[[torch.Tensor], torch.Tensor]  # ids (1, T) -> logits (1, T, V)
 
 
-def _teacher_fn(teacher: torch.nn.Module | TeacherFn | None) -> TeacherFn | None:
+def logits_fn(teacher: torch.nn.Module | TeacherFn | None) -> TeacherFn | None:
+    """A model as a function ids (1, T) -> float32 logits (1, T, V) on the CPU, run under inference mode."""
     if teacher is None or not isinstance(teacher, torch.nn.Module):
         return teacher
 
@@ -149,7 +151,7 @@ def score_windows(
     Token conventions are `eval.perplexity`'s (T-1 predicted tokens per window) and `eval.agreement`'s
     (KL and agreement over all T positions of each window).
     """
-    teacher = _teacher_fn(teacher)
+    teacher = logits_fn(teacher)
     nll_sum, kl_sum, agree, n_pos = 0.0, 0.0, 0, 0
     for w in windows:
         logits = llamacpp_logits(llm, w)  # (T, V)

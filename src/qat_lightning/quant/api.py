@@ -71,7 +71,12 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | Mapping, inplace: bool =
     attach_kv_quantizers(student, lambda attn: _kv_specs(cfg, attn, ad.head_dim), cfg.kv_placement)
 
     if cfg.quantize_lm_head and not cfg.is_skipped("lm_head"):
-        _untie_lm_head(student)
+        # a tied table quantized the same way as embedding and head stays one tensor (llama.cpp's Q4_0 file of
+        # a tied model holds one token_embd for both); otherwise the student's head gets its own copy
+        same = (cfg.quantize_embeddings and not cfg.is_skipped("model.embed_tokens")
+                and cfg.weight_spec("lm_head") == cfg.weight_spec("model.embed_tokens"))
+        if not same:
+            _untie_lm_head(student)
         head = student.get_output_embeddings()
         if not isinstance(head, nn.Linear):
             raise ValueError(f"quantize_lm_head needs an nn.Linear lm_head, got {type(head).__name__}")

@@ -17,7 +17,13 @@ import math
 import torch
 from torch import nn
 
-from qat_lightning.rotate.hadamard import hadamard_factors, random_orthogonal, random_signs
+from qat_lightning.rotate.hadamard import (
+    _factor_matrices,
+    hadamard_factors,
+    random_orthogonal,
+    random_signs,
+    rotation_matrix,
+)
 
 __all__ = [
     "R3_ATTR",
@@ -48,8 +54,6 @@ class OnlineHadamard(nn.Module):
         f = hadamard_factors(n) if kind == "hadamard" else None
         self.factored = f is not None
         if f is not None:
-            from qat_lightning.rotate.hadamard import _factor_matrices
-
             a, b = _factor_matrices(f.k, f.p)
             self.k, self.p = f.k, f.p
             self.register_buffer("left", a.T.float(), persistent=False)  # (k, k): Aᵀ, ±1
@@ -61,8 +65,6 @@ class OnlineHadamard(nn.Module):
 
     def dense(self) -> torch.Tensor:
         """Q as a float64 (n, n) matrix: exactly what the weights absorb (`rotation_matrix(n, kind, seed)`)."""
-        from qat_lightning.rotate.hadamard import rotation_matrix
-
         return rotation_matrix(self.n, self.kind, self.seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

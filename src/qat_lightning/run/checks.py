@@ -61,11 +61,9 @@ def check_run(cfg: RunConfig) -> None:
     """Every check that can run before a model is loaded (after `validate_config`)."""
     check_against_model(cfg)
     if "evaluate" in cfg.stages:
-        from qat_lightning.eval.sources import require_sources
+        from qat_lightning.eval.sources import check_eval_data
 
-        ev = cfg.evaluate
-        try:
-            require_sources(ev.tasks, {"wikitext2": ev.wikitext2_path, "c4": ev.c4_path,
-                                       "hellaswag": ev.hellaswag_path})
+        try:  # every data-reading task, the eight zero-shot ones included
+            check_eval_data(cfg.evaluate)
         except FileNotFoundError as err:
             raise ConfigError(str(err)) from None

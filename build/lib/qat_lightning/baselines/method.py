@@ -47,7 +47,12 @@ class Method:
 
         self.check_calibration(calib_batches)
         base = self.transform(model, qcfg, calib_batches)
-        return quantize_model(base, as_quant_config(self.student_config(qcfg)), inplace=base is not model)
+        student = quantize_model(base, as_quant_config(self.student_config(qcfg)), inplace=base is not model)
+        return self.finish_student(student)
+
+    def finish_student(self, student: nn.Module) -> nn.Module:
+        """Last touches on a student quantized from `transform`'s model (QAT's too), e.g. online rotations."""
+        return student
 
     def check_calibration(self, calib_batches: list[dict] | None) -> None:
         if self.needs_calibration and not calib_batches:

@@ -55,7 +55,17 @@ def load_saved_student(teacher: nn.Module, path: str | os.PathLike) -> nn.Module
     path = check_saved_student(path)
     qcfg = QuantConfig(**json.loads((path / STUDENT_QUANT).read_text()))
     student = quantize_model(teacher, qcfg)
-    missing, unexpected = student.load_state_dict(load_file(str(path / STUDENT_WEIGHTS)), strict=False)
+    state = load_file(str(path / STUDENT_WEIGHTS))
+    head, emb = student.get_output_embeddings(), student.get_input_embeddings()
+    head_key = next((k for k in state if k.endswith("lm_head.weight")), None)
+    emb_key = next((k for k in state if k.endswith("embed_tokens.weight")), None)
+    if (head is not None and head.weight is emb.weight and head_key and emb_key
+            and not torch.equal(state[head_key], state[emb_key])):
+        # a student whose lm_head left the tied embedding (a rotation folds the final norm into it)
+        from qat_lightning.quant.api import _untie_lm_head
+
+        _untie_lm_head(student)
+    missing, unexpected = student.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
         raise ValueError(f"{path}: student weights do not match the model (missing {missing[:3]}, "

@@ -95,7 +95,7 @@ def train_student(ctx) -> DistillationModule:
     # smoothquant (the paper's "LLM-QAT + SmoothQuant"), gptq (step 0 is ~the GPTQ baseline), kvsmooth
     method = cfg.method(cfg.init)
     base = method.transform(teacher, cfg.quant, ctx.calib_batches() if method.needs_calibration else None)
-    student = quantize_model(base, cfg.quant, inplace=base is not teacher)  # the teacher is untouched
+    student = method.finish_student(quantize_model(base, cfg.quant, inplace=base is not teacher))
     student.requires_grad_(True).train()  # the copy inherits the frozen teacher's flags
     module = DistillationModule(
         teacher, student, cfg.loss, cfg.optim,

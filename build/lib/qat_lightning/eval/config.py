@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 ZEROSHOT_TASKS = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 TASKS = ("wikitext2", "c4", "kl", *ZEROSHOT_TASKS, "zeroshot")
 # Methods that are not post-training methods (those come from `baselines.available_methods()`): "qat", the
-# trained student; "export", the exported integer model reloaded from disk (export.out_dir or <run dir>/export)
-TRAINED_METHODS = ("qat", "export")
+# trained student; "export", the exported integer model reloaded from disk (export.out_dir or <run dir>/export);
+# "gguf", the exported GGUF (export.format=gguf) scored by llama.cpp itself, with the KV cache type it trained for
+TRAINED_METHODS = ("qat", "export", "gguf")
 
 
 @dataclass

@@ -6,8 +6,9 @@ untied on purpose), and runs every (context, choice) pair as its own row with lo
 This adapter keeps HFLM's numbers (tokenization, the empty-context prefix, left truncation, rolling windows;
 tests compare the two on the same requests) and is faster on multiple-choice tasks:
 
-- requests that share a context run the context once: its KV cache is copied to every continuation of it
-  (`share_context`), so a 4-choice ARC question costs one context plus four short continuations;
+- requests that share a context run the context once (`share_context`): one row holds the context and all
+  of its continuations, with positions and a 4D attention mask that keep each continuation seeing only the
+  context and itself, so a 4-choice ARC question costs one context plus four short continuations;
 - the lm_head runs only where a continuation token is scored, not at every context position;
 - rows are batched longest first (little padding), `batch_size` rows per forward.
 
@@ -54,8 +55,8 @@ def _require() -> Any:
         raise ImportError(MISSING) from err
 
 
-def _causal_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, str] | None:
-    """(decoder, lm_head, name of the decoder's cache argument) when the model is a plain HF causal LM."""
+def _causal_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder, lm_head) when the model is a plain HF causal LM whose decoder takes position ids."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in SPLIT_FAMILIES:
         return None
@@ -63,9 +64,7 @@ def _causal_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, str] | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Module):
         return None
-    params = inspect.signature(decoder.forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
-    return (decoder, head, cache_kw) if cache_kw else None
+    return (decoder, head) if "position_ids" in inspect.signature(decoder.forward).parameters else None
 
 
 def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,8 +95,8 @@ class QATLM(_LMBase):
     """lm-eval `LM` over a causal LM whose forward returns `.logits` (B, T, V); greedy generation only.
 
     `max_length` defaults to the model's `max_position_embeddings` (else 2048), as in HFLM. `batch_size`:
-    rows (continuations) per forward. `share_context`: one context forward per group of requests with the
-    same context (HF Llama/Qwen2/Mistral models; other modules are scored row by row with full logits).
+    rows (continuations) per forward. `share_context`: requests with the same context share one packed row
+    (HF Llama/Qwen2/Mistral models with sdpa or eager attention; other modules run row by row, full logits).
     `tokens_forwarded` counts the (padded) input tokens run through the model, for benchmarks.
     """
 
@@ -188,7 +187,7 @@ class QATLM(_LMBase):
         t = torch.tensor([len(row) - len(cont) + k for row, cont in zip(rows, conts) for k in range(len(cont))])
         device = model_device(self.model)
         if self._parts is not None:
-            decoder, head, _ = self._parts
+            decoder, head = self._parts
             hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             logits = head(hidden.last_hidden_state[b.to(device), t.to(device)])  # (N, V): scored positions only
         else:
@@ -196,48 +195,57 @@ class QATLM(_LMBase):
             logits = out.logits[b.to(out.logits.device), t.to(out.logits.device)]
         return _gather(logits, conts)
 
-    def _run_shared(self, groups: Sequence[tuple[list[int], list[list[int]]]]) -> list[list[Result]] | None:
-        """Contexts once, then all their continuations on copies of the contexts' KV caches.
+    def _run_packed(self, groups: Sequence[tuple[list[int], list[list[int]]]]) -> list[list[Result]] | None:
+        """Each context once, packed in one row with all of its continuations (but their last tokens).
 
-        Stage 1: the contexts, right-padded, with a cache; the last context position predicts every
-        continuation's first token. Stage 2: each continuation but its last token, attending to its context's
-        cache rows (padding masked, positions continuing the context's). None if the cache cannot be copied.
+        Row of a group: ctx, then each continuation's rest, with positions continuing the context's and a
+        4D mask: the context is causal, each continuation sees the context and itself (causally), not the
+        other continuations. The context's last position predicts every continuation's first token. Padding
+        attends to itself only. None when the attention implementation takes no custom 4D mask.
         """
-        decoder, head, cache_kw = self._parts
+        impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None) or "sdpa"
+        if impl not in ("sdpa", "eager", "qat_kv_sdpa", "qat_kv_eager"):
+            return None
+        decoder, head = self._parts
         device = model_device(self.model)
-        ctxs = [ctx for ctx, _ in groups]
-        ids, mask = _pad(ctxs, self.pad_token_id)
-        lens = mask.sum(1)  # (m,)
+        seqs, positions, spans = [], [], []  # spans: per group, (start, length) of each continuation's rest
+        for ctx, conts in groups:
+            seq, pos, group_spans = list(ctx), list(range(len(ctx))), []
+            for cont in conts:
+                group_spans.append((len(seq), len(cont) - 1))
+                seq += cont[:-1]
+                pos += range(len(ctx), len(ctx) + len(cont) - 1)
+            seqs.append(seq)
+            positions.append(pos)
+            spans.append(group_spans)
+        ids, _ = _pad(seqs, self.pad_token_id)  # (B, S)
+        width = ids.shape[1]
+        pos_ids = torch.zeros_like(ids)
+        allowed = torch.zeros((len(seqs), width, width), dtype=torch.bool)  # (B, S, S): query attends key
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        for b, ((ctx, _), seq, group_spans) in enumerate(zip(groups, seqs, spans)):
+            pos_ids[b, : len(seq)] = torch.tensor(positions[b])
+            n = len(ctx)
+            allowed[b, :n, :n] = causal[:n, :n]
+            for start, length in group_spans:
+                allowed[b, start : start + length, :n] = True
+                allowed[b, start : start + length, start : start + length] = causal[:length, :length]
+            pad = torch.arange(len(seq), width)
+            allowed[b, pad, pad] = True
+        mask = allowed[:, None]  # (B, 1, S, S)
+        if "eager" in impl:  # eager attention adds its mask to the scores
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
         self.tokens_forwarded += ids.numel()
-        out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
-        m = len(ctxs)
-        first = head(out.last_hidden_state[torch.arange(m, device=device), (lens - 1).to(device)])  # (m, V)
-        owner = [j for j, (_, conts) in enumerate(groups) for cont in conts if len(cont) > 1]
-        rests = [cont[:-1] for _, conts in groups for cont in conts if len(cont) > 1]
-        rest = first[:0]
-        if rests:
-            cache = getattr(out, cache_kw, None)
-            if cache is None or not hasattr(cache, "batch_select_indices"):
-                return None
-            sel = torch.tensor(owner)
-            cache.batch_select_indices(sel.to(device))  # each continuation row gets its context's K/V
-            ids2, mask2 = _pad(rests, self.pad_token_id)  # (r, U)
-            self.tokens_forwarded += ids2.numel()
-            full_mask = torch.cat([mask[sel], mask2], dim=1)  # (r, W + U): context padding masked out
-            positions = lens[sel][:, None] + torch.arange(ids2.shape[1])[None]  # (r, U)
-            out2 = decoder(input_ids=ids2.to(device), attention_mask=full_mask.to(device),
-                           position_ids=positions.to(device), use_cache=True, **{cache_kw: cache})
-            b = torch.tensor([r for r, row in enumerate(rests) for _ in row], device=device)
-            t = torch.tensor([k for row in rests for k in range(len(row))], device=device)
-            rest = head(out2.last_hidden_state[b, t])  # (sum(len - 1), V)
-        logits = torch.cat([first, rest])  # row j: context j's last position; then the continuations' rows
-        index, conts, offset = [], [], m
-        for j, (_, group_conts) in enumerate(groups):
-            for cont in group_conts:
-                index += [j, *range(offset, offset + len(cont) - 1)]
-                offset += len(cont) - 1
+        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos_ids.to(device),
+                         use_cache=False).last_hidden_state  # (B, S, H)
+        rows, cols, conts = [], [], []
+        for b, ((ctx, group_conts), group_spans) in enumerate(zip(groups, spans)):
+            for cont, (start, length) in zip(group_conts, group_spans):
+                rows += [b] * len(cont)
+                cols += [len(ctx) - 1, *range(start, start + length)]
                 conts.append(cont)
-        flat = _gather(logits[torch.tensor(index, device=logits.device)], conts)
+        flat = _gather(head(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]), conts)
         results, start = [], 0
         for _, group_conts in groups:
             results.append(flat[start : start + len(group_conts)])
@@ -248,7 +256,7 @@ class QATLM(_LMBase):
     def _score_all(self, pairs: Sequence[Pair]) -> list[Result]:
         """Every (ctx, cont) pair's (log-prob, is greedy), in input order, `batch_size` rows per forward.
 
-        Contexts shared by several requests go through `_run_shared`; the rest run as whole rows, longest
+        Contexts shared by several requests go through `_run_packed`; the rest run as whole rows, longest
         first (HFLM's order). An empty continuation has log-prob 0 and is trivially greedy.
         """
         results: list[Result] = [(0.0, True)] * len(pairs)
@@ -266,8 +274,8 @@ class QATLM(_LMBase):
         shared.sort(key=lambda g: -max(len(pairs[i][0]) + len(pairs[i][1]) for i in g))
 
         def run_shared(batch: list[list[int]]) -> None:
-            scored = self._run_shared([(pairs[g[0]][0], [pairs[i][1] for i in g]) for g in batch])
-            if scored is None:  # no copyable cache: these run as rows
+            scored = self._run_packed([(pairs[g[0]][0], [pairs[i][1] for i in g]) for g in batch])
+            if scored is None:  # an attention implementation without custom masks: these run as rows
                 rows.extend(i for g in batch for i in g)
                 return
             for g, group_results in zip(batch, scored):

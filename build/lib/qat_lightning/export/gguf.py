@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from qat_lightning.quant import ggml
-from qat_lightning.quant.modules import QuantEmbedding, QuantLinear
+from qat_lightning.quant.modules import QuantLinear
 
 __all__ = ["GGUFError", "check_gguf", "export_gguf", "gguf_tensor_types", "read_gguf_tensor", "read_gguf_tensors"]
 
@@ -137,10 +137,7 @@ def _tensor_data(weight: torch.Tensor, qtype: str, n_rope_heads: int | None) -> 
 def _iter_tensors(model: nn.Module, hp: dict, dtype: str) -> Iterator[tuple[str, np.ndarray, str]]:
     """(GGUF name, data, type) of every tensor, in llama.cpp's order."""
     emb = model.get_input_embeddings()
-    if isinstance(emb, QuantEmbedding) and not emb.quant_enabled:
-        emb_type = dtype
-    else:
-        emb_type = _module_type(emb, dtype)
+    emb_type = _module_type(emb, dtype)
     yield "token_embd.weight", _tensor_data(emb.weight, emb_type, None), emb_type
     for i, layer in enumerate(model.model.layers):
         for attr, gname in _NORMS.items():

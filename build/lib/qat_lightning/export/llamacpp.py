@@ -37,6 +37,7 @@ __all__ = [
     "llamacpp_scores",
     "llamacpp_speed",
     "load_gguf",
+    "logits_fn",
     "score_windows",
 ]
 
@@ -129,7 +130,8 @@ def _windows(token_ids: torch.Tensor, seq_len: int, max_windows: int | None) -> 
 TeacherFn = Callable[[torch.Tensor], torch.Tensor]  # ids (1, T) -> logits (1, T, V)
 
 
-def _teacher_fn(teacher: torch.nn.Module | TeacherFn | None) -> TeacherFn | None:
+def logits_fn(teacher: torch.nn.Module | TeacherFn | None) -> TeacherFn | None:
+    """A model as a function ids (1, T) -> float32 logits (1, T, V) on the CPU, run under inference mode."""
     if teacher is None or not isinstance(teacher, torch.nn.Module):
         return teacher
 
@@ -149,7 +151,7 @@ def score_windows(
     Token conventions are `eval.perplexity`'s (T-1 predicted tokens per window) and `eval.agreement`'s
     (KL and agreement over all T positions of each window).
     """
-    teacher = _teacher_fn(teacher)
+    teacher = logits_fn(teacher)
     nll_sum, kl_sum, agree, n_pos = 0.0, 0.0, 0, 0
     for w in windows:
         logits = llamacpp_logits(llm, w)  # (T, V)
@@ -238,7 +240,10 @@ def llamacpp_quantize(
         params.token_embedding_type = _ggml_type(token_embd_type)
     t0 = time.perf_counter()
     try:
-        rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=False):  # llama-quantize logs every tensor to stderr
+            rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) failed with code {rc}")
         os.replace(tmp, dst)

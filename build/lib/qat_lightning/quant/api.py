@@ -80,8 +80,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | Mapping, inplace: bool =
     if cfg.quantize_embeddings:
         emb = student.get_input_embeddings()
         spec = cfg.weight_spec("model.embed_tokens")
-        if spec.granularity != "channel" or spec.learnable:
-            raise ValueError("quantize_embeddings needs w_granularity='channel' and lsq=False (one scale per row)")
+        # a row (or llama.cpp's blocks of a row, estimator ggml) per token: what a lookup table can be stored as
+        if spec.granularity not in ("channel", "group") or spec.learnable:
+            raise ValueError("quantize_embeddings needs w_granularity channel or group and lsq=False")
         student.set_input_embeddings(QuantEmbedding.from_embedding(emb, spec))
 
     student.quant_config = cfg
@@ -107,7 +108,8 @@ def quant_summary(model: nn.Module) -> dict[str, int]:
 
     Keys: num_quant_linears (QuantLinear modules), num_quantized_linears (with any spec enabled),
     w{b}_linears / a{b}_linears (counts by bit width, 16 = full precision), kv_quantized (linears whose
-    output is quantized: k_proj and v_proj of each block with a KV quantizer), lsq_params (elements of learnable scales), quantized_embeddings.
+    output is quantized: k_proj and v_proj of each block with a KV quantizer), lsq_params (elements of
+    learnable scales), quantized_embeddings.
     """
     out: dict[str, int] = {"num_quant_linears": 0, "num_quantized_linears": 0, "kv_quantized": 0, "lsq_params": 0}
     w_bits, a_bits = Counter(), Counter()

@@ -109,9 +109,14 @@ def _use_wrapped_attention(model: nn.Module) -> None:
     impl = config._attn_implementation or "sdpa"
     if impl in _WRAPPED.values():
         return
-    if impl not in _WRAPPED:
-        raise ValueError(f"post-RoPE KV quantization wraps sdpa or eager attention, not {impl!r}")
-    config._attn_implementation = _WRAPPED[impl]
+    from qat_lightning.rotate.online import r3_join, r3_split
+
+    r3, inner = r3_split(impl)  # an online R3 rotation wraps attention: the KV quantizer goes inside it
+    if inner in _WRAPPED.values():
+        return
+    if inner not in _WRAPPED:
+        raise ValueError(f"post-RoPE KV quantization wraps sdpa or eager attention, not {inner!r}")
+    config._attn_implementation = r3_join(r3, _WRAPPED[inner])
 
 
 def attach_kv_quantizers(model: nn.Module, k_spec_of, placement: str) -> None:

@@ -16,9 +16,12 @@ head_dim 64     2^6        H_64 (Sylvester)
 Sizes with no such split (e.g. 9·2^m needs k = 9, 18: none exist) fall back to a random orthogonal matrix
 (QR of a Gaussian, sign-corrected so it is Haar distributed); `rotation_info` says which one a size gets.
 
-The randomized Hadamard is ``Q = H · diag(s) / sqrt(n)`` with seeded signs s ∈ {±1}^n: as flat as H (every
-entry ±1/sqrt(n)), so a rotated vector spreads each outlier over all channels, yet different seeds give
-different rotations. Everything is built in float64 and cast by the caller.
+The randomized Hadamard is ``Q = diag(s) · H / sqrt(n)`` with seeded signs s ∈ {±1}^n, applied to row vectors
+as ``x Q = (x ⊙ s) H / sqrt(n)`` (in column-vector form ``Qᵀ x = Hᵀ diag(s) x``: QuaRot's "H·diag(s)", the
+signs act first). As flat as H (every entry ±1/sqrt(n)), so a rotated vector spreads each outlier over all
+channels, and different seeds give rotations that quantize differently. (Signs applied *after* H would be
+invisible: symmetric per-token and per-channel quantizers are invariant to flipping a channel's sign.)
+Everything is built in float64 and cast by the caller.
 """
 
 from __future__ import annotations
@@ -156,7 +159,7 @@ def rotation_info(n: int, kind: str = "hadamard") -> str:
 
 
 def rotation_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> torch.Tensor:
-    """A seeded orthogonal (n, n) float64 matrix: randomized Hadamard H·diag(s)/sqrt(n), or random orthogonal.
+    """A seeded orthogonal (n, n) float64 matrix: randomized Hadamard diag(s)·H/sqrt(n), or random orthogonal.
 
     `kind="hadamard"` falls back to a random orthogonal matrix for sizes with no Hadamard construction.
     """
@@ -164,4 +167,4 @@ def rotation_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> torch.Tens
         raise ValueError(f"unknown rotation kind {kind!r}; expected one of {KINDS}")
     if kind == "random" or hadamard_factors(n) is None:
         return random_orthogonal(n, seed)
-    return hadamard_matrix(n) * random_signs(n, seed)[None, :] / math.sqrt(n)  # (n, n): H diag(s) / sqrt(n)
+    return random_signs(n, seed)[:, None] * hadamard_matrix(n) / math.sqrt(n)  # (n, n): diag(s) H / sqrt(n)

@@ -17,7 +17,13 @@ import math
 import torch
 from torch import nn
 
-from qat_lightning.rotate.hadamard import hadamard_factors, random_orthogonal, random_signs
+from qat_lightning.rotate.hadamard import (
+    _factor_matrices,
+    hadamard_factors,
+    random_orthogonal,
+    random_signs,
+    rotation_matrix,
+)
 
 __all__ = [
     "R3_ATTR",
@@ -36,7 +42,7 @@ _R3_PREFIX = "qat_r3_"
 
 
 class OnlineHadamard(nn.Module):
-    """``x -> x Q`` on the last dim, Q = (H_k ⊗ H_p) diag(s) / sqrt(n) applied as two small matmuls.
+    """``x -> x Q`` on the last dim, Q = diag(s) (H_k ⊗ H_p) / sqrt(n) applied as two small matmuls.
 
     With no Hadamard construction for n (or ``kind="random"``) Q is a dense random orthogonal matrix. The
     product runs in float32 (float64 inputs stay float64) and the result has the input's dtype.
@@ -48,8 +54,6 @@ class OnlineHadamard(nn.Module):
         f = hadamard_factors(n) if kind == "hadamard" else None
         self.factored = f is not None
         if f is not None:
-            from qat_lightning.rotate.hadamard import _factor_matrices
-
             a, b = _factor_matrices(f.k, f.p)
             self.k, self.p = f.k, f.p
             self.register_buffer("left", a.T.float(), persistent=False)  # (k, k): Aᵀ, ±1
@@ -61,8 +65,6 @@ class OnlineHadamard(nn.Module):
 
     def dense(self) -> torch.Tensor:
         """Q as a float64 (n, n) matrix: exactly what the weights absorb (`rotation_matrix(n, kind, seed)`)."""
-        from qat_lightning.rotate.hadamard import rotation_matrix
-
         return rotation_matrix(self.n, self.kind, self.seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,11 +72,10 @@ class OnlineHadamard(nn.Module):
         y = x if dtype == torch.float64 else x.float()
         if not self.factored:
             return (y @ self.matrix.to(y.dtype)).to(dtype)  # (..., n)
-        xm = y.unflatten(-1, (self.k, self.p))  # (..., k, p), row-major: index i*p + j
+        xm = (y * self.signs.to(y.dtype)).unflatten(-1, (self.k, self.p))  # (..., k, p): x ⊙ s, index i*p + j
         xm = xm @ self.right.to(y.dtype)  # (..., k, p): X B
-        xm = self.left.to(y.dtype) @ xm  # (..., k, p): Aᵀ X B  ==  x (A ⊗ B) viewed (k, p)
-        y = xm.flatten(-2) * self.signs.to(y.dtype)  # (..., n): x (A ⊗ B) diag(s)
-        return y.mul_(self.norm).to(dtype)  # / sqrt(n)
+        xm = self.left.to(y.dtype) @ xm  # (..., k, p): Aᵀ X B  ==  (x ⊙ s)(A ⊗ B) viewed (k, p)
+        return xm.flatten(-2).mul_(self.norm).to(dtype)  # (..., n): / sqrt(n)
 
     # -- R4: forward pre-hook on down_proj, kept attached by a pre-hook on the MLP ----------------------
     def _rotate_input(self, module: nn.Module, args: tuple) -> tuple:
