@@ -191,8 +191,13 @@ def test_lm_head_and_embeddings():
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     student = quantize_model(tied, QuantConfig(quantize_lm_head=True, quantize_embeddings=True))
     assert isinstance(student.lm_head, QuantLinear) and student.lm_head.weight_spec.bits == 4
-    assert student.lm_head.weight is not student.model.embed_tokens.weight  # untied for the student only
-    assert torch.equal(student.lm_head.weight, student.model.embed_tokens.weight)
+    # quantized alike, the tied table stays one tensor (as llama.cpp stores it); quantized differently, the
+    # student's head gets its own copy, and the teacher stays tied either way
+    assert student.lm_head.weight is student.model.embed_tokens.weight
+    other = quantize_model(tied, QuantConfig(quantize_lm_head=True, quantize_embeddings=True,
+                                             overrides=[{"pattern": "^lm_head$", "w_bits": 8}]))
+    assert other.lm_head.weight is not other.model.embed_tokens.weight
+    assert torch.equal(other.lm_head.weight, other.model.embed_tokens.weight)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     assert quant_summary(student)["quantized_embeddings"] == 1
     ids = torch.randint(0, SIZES["vocab_size"], (1, 6))

@@ -289,8 +289,7 @@ def smollm2():
     return load_model({"source": "smollm2"})
 
 
-@pytest.mark.slow
-@pytest.mark.ci  # ~12 s on 2 free cores (rotation of the 135M model in float64 is most of it)
+@pytest.mark.slow  # ~12 s on 2 free cores, 190 s on loaded ones: with the slow tests (make test-all)
 def test_smollm2_rotations_keep_logits_and_lower_rtn_error(smollm2):
     from qat_lightning.eval import load_text
 
