@@ -306,3 +306,14 @@ def test_smollm2_rotations_keep_logits_and_lower_rtn_error(smollm2):
         for key in (k for k in base if k.split("/")[0] in ("weight", "act")):  # per projection: all lower
             assert rot[key] < base[key], (a_bits, key, base[key], rot[key])
         # (the weight-only *output* error is not lower, see docs/ROTATIONS.md: rot["wout"] is not asserted)
+
+
+def test_gguf_export_refuses_online_rotations(tmp_path):
+    """llama.cpp cannot run R3/R4: writing such a model would silently compute another function."""
+    from qat_lightning.export.gguf import GGUFError, export_gguf
+    from qat_lightning.models import build_tiny_config, build_tiny_model
+    from qat_lightning.rotate import rotate_model
+
+    model = build_tiny_model(build_tiny_config())
+    with pytest.raises(GGUFError, match="online rotations"):
+        export_gguf(rotate_model(model, r4=True), None, tmp_path / "m.gguf")

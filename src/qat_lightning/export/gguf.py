@@ -295,6 +295,9 @@ def export_gguf(
         GGUFError: not a Llama-family model, a quantizer llama.cpp has no format for, or no writable tokenizer.
     """
     g = _gguf()
+    rec = getattr(getattr(model, "config", None), "qat_rotation", None) or {}
+    if rec.get("r3") or rec.get("r4"):  # online rotations: llama.cpp would silently run another function
+        raise GGUFError("the model has online rotations (R3/R4), which llama.cpp cannot run: export R1+R2 only")
     if dtype not in FLOAT_TYPES:
         raise GGUFError(f"dtype must be one of {FLOAT_TYPES}, got {dtype!r}")
     t0 = time.perf_counter()

@@ -304,6 +304,9 @@ def load_exported(
         model.tie_weights()
 
     _attach_kv(model, meta.get("kv") or {})
+    from qat_lightning.rotate import attach_online_rotations
+
+    attach_online_rotations(model)  # R3/R4 recorded in config.json (a no-op for unrotated models)
     qcfg = meta.get("quant_config")
     model.quant_config = QuantConfig(**qcfg) if qcfg else None
     model.export_meta = meta
