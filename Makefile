@@ -48,6 +48,7 @@ bench: $(STAMP) ## benchmarks on SmolLM2-135M: ratios measured side by side in o
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_export.py
 	$(PY) benchmarks/bench_zeroshot.py
+	$(PY) benchmarks/bench_llamacpp.py
 
 gpu-check: $(STAMP) ## the first GPU test (one GPU, < 8 min): bf16 QAT steps with FSDP2, batched generation, peak memory
 	$(PY) benchmarks/gpu_check.py
