@@ -66,11 +66,15 @@ def _in_process(cfg_overrides, tmp_path, run="run"):
     return load_results(tmp_path / run), ctx
 
 
+# 6 steps over epochs of 3 batches, a checkpoint after every step
+RESUME_COMMON = ["trainer.max_steps=6", "trainer.max_epochs=null", "trainer.limit_train_batches=3",
+                 "trainer.limit_val_batches=1", "stages=[train]", "logger=none", "optim.total_steps=6",
+                 "callbacks.checkpoint_every_n_steps=1"]
+
+
 def test_resume_from_last_reaches_the_same_final_loss(tmp_path):
     # epochs of 3 batches; the interrupted run stops after epoch 0 with the schedule of the full 6 steps
-    common = ["trainer.max_steps=6", "trainer.max_epochs=null", "trainer.limit_train_batches=3",
-              "trainer.limit_val_batches=1", "stages=[train]", "logger=none", "optim.total_steps=6",
-              "callbacks.checkpoint_every_n_steps=1"]
+    common = RESUME_COMMON
     full, _ = _in_process(common, tmp_path, run="full")
     part, _ = _in_process([*common, "trainer.max_steps=3"], tmp_path, run="resumed")
     assert part["train/student/steps"] == 3
@@ -82,9 +86,7 @@ def test_resume_from_last_reaches_the_same_final_loss(tmp_path):
 
 def test_resume_in_the_middle_of_an_epoch_is_exact(tmp_path):
     """Stopped at step 2 of a 3-batch epoch and resumed: the same batches, the same final loss."""
-    common = ["trainer.max_steps=6", "trainer.max_epochs=null", "trainer.limit_train_batches=3",
-              "trainer.limit_val_batches=1", "stages=[train]", "logger=none", "optim.total_steps=6",
-              "callbacks.checkpoint_every_n_steps=1"]
+    common = RESUME_COMMON
     full, _ = _in_process(common, tmp_path, run="full")
     part, _ = _in_process([*common, "trainer.max_steps=2"], tmp_path, run="resumed")
     assert part["train/student/steps"] == 2

@@ -120,8 +120,7 @@ def awq_scaled_model(
         grid: number of exponents tried per group (a = k / grid).
     """
     qcfg = as_quant_config(qcfg)
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-        raise ValueError(f"grid must be a positive int, got {grid!r}")
+    AWQ(grid=grid)  # validates grid
     batches = check_calib_batches(calib_batches)
     model = copy.deepcopy(teacher)
     head_dim = adapter_for(model).head_dim
