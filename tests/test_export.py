@@ -410,3 +410,26 @@ def test_kv_cache_bytes_at_kv4_and_kv8():
         assert kv_cache_bytes(cache) == theory["quantized_bytes"]
         assert theory["fp16_bytes"] == 2 * 2 * 24 * 2 * 64 * 2  # layers * batch * T * (K, V) * width * 2 bytes
         assert theory["ratio"] <= limit
+
+
+def test_a_llamacpp_format_student_round_trips_through_the_native_export(tmp_path):
+    """quant=q4_0 (Q4_0 blocks, Q8_0 tied embedding, post-RoPE q8_0 KV) reloads to the same logits."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+    from qat_lightning.models import build_tiny_config, build_tiny_model
+    from qat_lightning.quant import as_quant_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        q4_0 = as_quant_config(compose(config_name="quant/q4_0").quant)
+    config = build_tiny_config(vocab_size=512, hidden_size=128, intermediate_size=256, num_heads=2, num_kv_heads=1,
+                               tie_word_embeddings=True)
+    for kv_bits in (8, 4):
+        student = quantize_model(build_tiny_model(config, seed=0), dataclasses.replace(q4_0, kv_bits=kv_bits))
+        stats = export_student(student, tmp_path / f"kv{kv_bits}")
+        assert stats["num_packed_linears"] == 14  # 2 layers x 7 (the tied Q8_0 table is stored as int8)
+        loaded = load_exported(tmp_path / f"kv{kv_bits}", weights="dequantized")
+        ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(_logits(loaded, ids), _logits(student, ids))

@@ -189,3 +189,45 @@ def test_smollm2_rtn_q4_0_scores_the_same_in_llamacpp_and_our_harness(tmp_path):
     engine = llamacpp_scores(tmp_path / "s.gguf", tokenizer, cfg, kv_type="q8_0", model=teacher)["wikitext2_ppl"]
     ours = perplexity(student, ids, 512, max_windows=4)["ppl"]
     assert engine == pytest.approx(ours, rel=5e-3)
+
+
+def test_a_q4_0_run_exports_its_gguf_and_scores_it_beside_the_engines_own_rows(tmp_path, capsys):
+    """generate → train → export.format=gguf → evaluate [gguf_f16, gguf_ptq, gguf], all scored by llama.cpp.
+
+    The teacher's F16 file must score like the teacher (KL ~ 0), llama.cpp's own Q4_0 of it must be a
+    different model from the F16 one, and the trained student's file must hold its Q4_0 codes.
+    """
+    shared_data_or_skip()
+    from conftest import compose, tiny_overrides
+    from qat_lightning.config import validate_config
+    from qat_lightning.results import load_results
+    from qat_lightning.stages import RunContext, run_stages
+
+    tiny_llama = ["model.tokenizer=smollm2", "model.vocab_size=49152", "model.hidden_size=128", "model.num_heads=2",
+                  "model.num_kv_heads=1", "model.intermediate_size=256"]
+    cfg = validate_config(compose([
+        "+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), *tiny_llama, "quant=q4_0", "logger=none",
+        "trainer.max_steps=2", "stages=[generate,train,export,evaluate]", "export.format=gguf",
+        f"export.gguf_source={smollm2_gguf_path()}", "evaluate.methods=[gguf_f16,gguf_ptq,gguf]",
+        "evaluate.tasks=[wikitext2]", "evaluate.seq_len=64", "evaluate.max_windows=2"]))
+    run_stages(RunContext(cfg, tmp_path / "run"))
+    res = load_results(tmp_path / "run")
+    assert res["evaluate/gguf_f16/wikitext2_kl"] < 1e-4
+    assert res["evaluate/gguf_ptq/wikitext2_kl"] > 10 * res["evaluate/gguf_f16/wikitext2_kl"]
+    assert res["evaluate/gguf/wikitext2_ppl"] > 1
+    (engine_dir,) = (tmp_path / "data" / "gguf").iterdir()
+    assert sorted(p.name for p in engine_dir.iterdir()) == ["teacher-f16.gguf", "teacher-q4_0.gguf"]
+    types = {t.tensor_type.name for t in GGUFReader(tmp_path / "run" / "export" / "model.gguf").tensors}
+    assert types == {"F32", "Q4_0", "Q8_0"}
+    out = capsys.readouterr().out
+    assert "| gguf_ptq |" in out and f"llama-cli -m {tmp_path}/run/export/model.gguf -fa on -ctk q8_0 -ctv q8_0" in out
+    assert (tmp_path / "run" / "export" / "Modelfile").read_text() == "FROM ./model.gguf\n"
+
+
+def test_engine_baselines_refuse_a_kv_width_llamacpp_lacks(tmp_path):
+    from conftest import compose, tiny_overrides
+    from qat_lightning.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="no KV cache type for kv_bits=6"):
+        validate_config(compose(["+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), "quant.kv_bits=6",
+                                 "evaluate.methods=[gguf_ptq]"]))

@@ -157,6 +157,18 @@ def test_the_default_cli_config_is_the_python_default():
     assert corpus_dir(cli) == corpus_dir(api)
 
 
+def test_every_field_of_every_section_can_be_set_on_the_command_line():
+    """A field the composed config lacks cannot be overridden without '+': each group's YAML lists them all
+    (except `model`, whose options are model families, each naming the fields its loader reads)."""
+    cli = compose([])
+    for f in dataclasses.fields(RunConfig):
+        section = getattr(RunConfig(), f.name)
+        if not dataclasses.is_dataclass(section) or f.name not in cli or f.name == "model":
+            continue
+        missing = [g.name for g in dataclasses.fields(section) if g.name not in cli[f.name]]
+        assert not missing, f"{f.name}: {missing}"
+
+
 def _group_options() -> list[tuple[str, str]]:
     return [(g.name, o.stem) for g in sorted(CONF_DIR.iterdir())
             if g.is_dir() and g.name not in ("exp", "ablation", "__pycache__") for o in sorted(g.glob("*.yaml"))]

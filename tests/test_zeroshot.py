@@ -288,10 +288,56 @@ def test_paper_table_puts_the_eight_task_average_beside_wikitext2(tmp_path):
             results[f"evaluate/{method}/{task}_n"], results[f"evaluate/{method}/{task}_n_total"] = 40, SIZES[task]
         results[f"evaluate/{method}/zeroshot_avg"] = acc
         results[f"evaluate/{method}/zeroshot_avg_stderr"] = 0.02
+    results["evaluate/rtn/zeroshot_avg_minus_fp"], results["evaluate/rtn/zeroshot_avg_minus_fp_stderr"] = -0.25, 0.01
     (run / "results.json").write_text(json.dumps(results))
     assert [m for _, m, _ in collect.paper_rows([run])] == ["fp", "rtn"]
     text = collect.paper_markdown(collect.paper_rows([run]))
-    assert "| Avg. | Wiki2 ppl | items/task |" in text
-    assert "| quant=w4a8kv4 | fp | " + " | ".join(["50.0"] * 8) + " | 50.0 ± 2.0 | 36.1 | 40 |" in text
+    assert "| Avg. | Avg. − fp (paired) | Wiki2 ppl | items/task |" in text
+    assert "| quant=w4a8kv4 | fp | " + " | ".join(["50.0"] * 8) + " | 50.0 ± 2.0 | - | 36.1 | 40 |" in text
+    assert "| quant=w4a8kv4 | rtn | " + " | ".join(["25.0"] * 8) + " | 25.0 ± 2.0 | -25.0 ± 1.0 | 130.5 | 40 |" in text
     assert [task for task, _, _ in collect.PAPER_COLUMNS] == list(ZEROSHOT_TASKS)
     assert {t: m for t, m, _ in collect.PAPER_COLUMNS} == PAPER_METRIC  # one definition of the paper's metrics
+
+
+# ---- paired comparisons ------------------------------------------------------------------------------------
+def test_paired_difference_is_the_difference_of_averages_with_the_paired_stderr():
+    from qat_lightning.eval.zeroshot import paired_difference
+
+    ref = {t: [1.0, 0.0, 1.0, 1.0, 0.0, 1.0] for t in ZEROSHOT_TASKS}
+    same = paired_difference(ref, ref)
+    assert same == {"zeroshot_avg_diff": 0.0, "zeroshot_avg_diff_stderr": 0.0}
+    worse = {t: [0.0, 0.0, 1.0, 1.0, 0.0, 1.0] for t in ZEROSHOT_TASKS}  # one flip per task
+    got = paired_difference(worse, ref)
+    assert got["zeroshot_avg_diff"] == pytest.approx(-1 / 6)
+    d = [-1.0, 0, 0, 0, 0, 0]  # per task: std(d, ddof=1) / sqrt(6), eight tasks combined
+    se = math.sqrt(sum((x + 1 / 6) ** 2 for x in d) / 5 / 6)
+    assert got["zeroshot_avg_diff_stderr"] == pytest.approx(math.sqrt(8 * se * se) / 8)
+    def se_of(xs):  # one task's stderr of the mean
+        m = sum(xs) / len(xs)
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+    unpaired = math.sqrt(8 * (se_of(ref["boolq"]) ** 2 + se_of(worse["boolq"]) ** 2)) / 8  # sqrt(se_a² + se_b²)
+    assert got["zeroshot_avg_diff_stderr"] < 0.6 * unpaired
+    assert paired_difference({"boolq": [1.0, 0.0]}, {"boolq": [1.0, 1.0]}) == {}  # not all eight
+
+
+def test_a_run_records_each_methods_average_minus_fp_from_the_same_items(tmp_path, data):
+    from conftest import compose, tiny_overrides
+    from qat_lightning.config import validate_config
+    from qat_lightning.results import load_results
+    from qat_lightning.stages import RunContext, run_stages
+
+    cfg = validate_config(compose(["+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), "logger=none",
+                                   "model.max_position_embeddings=256", "stages=[evaluate]",
+                                   "evaluate.methods=[fp,rtn]", "evaluate.tasks=[zeroshot]",
+                                   "evaluate.zeroshot_limit=4"]))
+    run_stages(RunContext(cfg, tmp_path / "run"))
+    res = load_results(tmp_path / "run")
+    items = json.loads((tmp_path / "run" / "zeroshot_items.json").read_text())
+    for method in ("fp", "rtn"):
+        for t in ZEROSHOT_TASKS:
+            assert len(items[method][t]) == 4
+            assert sum(items[method][t]) / 4 == pytest.approx(res[f"evaluate/{method}/{t}_{PAPER_METRIC[t]}"])
+    diff = res["evaluate/rtn/zeroshot_avg"] - res["evaluate/fp/zeroshot_avg"]
+    assert res["evaluate/rtn/zeroshot_avg_minus_fp"] == pytest.approx(diff)
+    assert "evaluate/rtn/zeroshot_avg_minus_fp_stderr" in res and "evaluate/fp/zeroshot_avg_minus_fp" not in res

@@ -177,12 +177,20 @@ def _build_methods(nodes: dict[str, Any]) -> dict[str, Any]:
 
 def _check_across_sections(cfg: RunConfig) -> None:
     """Checks that need several sections at once (each section validates itself)."""
-    from qat_lightning.eval.config import TRAINED_METHODS
+    from qat_lightning.eval.config import ENGINE_BASELINES, TRAINED_METHODS
 
-    valid = [*sorted(cfg.methods), *TRAINED_METHODS]
+    valid = [*sorted(cfg.methods), *TRAINED_METHODS, *ENGINE_BASELINES]
     bad = [m for m in cfg.evaluate.methods if m not in valid]
     if bad:
         raise ConfigError(f"unknown evaluate method(s) {bad}; valid: {', '.join(valid)}")
+    if any(m in ENGINE_BASELINES for m in cfg.evaluate.methods):
+        from qat_lightning.export.llamacpp import engine_types
+
+        try:
+            engine_types(cfg.quant)
+        except ValueError as err:
+            raise ConfigError(f"evaluate.methods has {[m for m in cfg.evaluate.methods if m in ENGINE_BASELINES]}"
+                              f": {_one_line(err)}") from None
     if INIT_ALIASES.get(cfg.init, cfg.init) not in cfg.methods:
         choices = ", ".join([*INIT_ALIASES, *sorted(cfg.methods)])
         raise ConfigError(f"init must be one of {choices}; got {cfg.init!r}")
@@ -203,7 +211,23 @@ def _check_across_sections(cfg: RunConfig) -> None:
         if scored == "export" and "export" in cfg.stages and cfg.export.is_gguf:
             raise ConfigError("evaluate.methods has 'export' (our safetensors layout) but export.format=gguf: "
                               "score the GGUF with evaluate.methods=[...,gguf]")
+        if scored == "export" and "export" in cfg.stages and cfg.export.is_compressed_tensors:
+            raise ConfigError("evaluate.methods has 'export' (our safetensors layout) but export.format="
+                              "compressed-tensors: score the student with evaluate.methods=[...,qat]")
+    _check_compressed_tensors(cfg)
     _check_no_eval_leak(cfg)
+
+
+def _check_compressed_tensors(cfg: RunConfig) -> None:
+    """export.format=compressed-tensors holds W4A16 / W8A16 / W8A8 students only: refuse the rest now."""
+    if "export" not in cfg.stages or not cfg.export.is_compressed_tensors:
+        return
+    from qat_lightning.export.hf_compressed import compressed_tensors_scheme
+
+    try:
+        compressed_tensors_scheme(cfg.quant, rotation=cfg.method(cfg.init))
+    except ValueError as err:
+        raise ConfigError(_one_line(err)) from None
 
 
 def _check_trained_student(cfg: RunConfig) -> None:

@@ -68,6 +68,7 @@ def _method_model(ctx: RunContext, name: str) -> nn.Module:
 def stage_evaluate(ctx: RunContext) -> dict[str, dict[str, float]]:
     """Score the teacher, the QAT student and every configured baseline the same way; print the table."""
     from qat_lightning.eval import evaluate_model
+    from qat_lightning.eval.config import ENGINE_METHODS
 
     cfg = ctx.cfg
     teacher, tokenizer = ctx.teacher()
@@ -76,15 +77,21 @@ def stage_evaluate(ctx: RunContext) -> dict[str, dict[str, float]]:
         kl_dm = ctx.datamodule() if cfg.evaluate.kl_data == "own" else reference_corpus_datamodule(ctx)
         heldout = sample_batches(kl_dm, "val", cfg.evaluate.kl_batches)
     table: dict[str, dict[str, float]] = {}
+    items: dict[str, dict[str, list[float]]] = {}  # per method, each zero-shot task's per-item scores
     for name in cfg.evaluate.methods:
-        metrics = _gguf_scores(ctx) if name == "gguf" else _cached_scores(ctx, name, heldout)
+        got: dict[str, list[float]] = {}
+        metrics = _gguf_scores(ctx, name) if name in ENGINE_METHODS else _cached_scores(ctx, name, heldout, got)
         if metrics is None:
             model = _method_model(ctx, name)
             model.eval()
-            metrics = evaluate_model(model, tokenizer, cfg.evaluate, teacher=teacher, heldout_batches=heldout)
+            metrics = evaluate_model(model, tokenizer, cfg.evaluate, teacher=teacher, heldout_batches=heldout,
+                                     zeroshot_items=got)
         table[name] = metrics
+        if got:
+            items[name] = got
         ctx.record("evaluate", name, metrics)
         log.info("evaluate %s: %s", name, metrics)
+    _paired_zeroshot(ctx, table, items)
     text = format_table(table, title=f"{cfg.name} ({cfg.quant.setting})")
     print(text, flush=True)
     if ctx.rank == 0:
@@ -94,7 +101,32 @@ def stage_evaluate(ctx: RunContext) -> dict[str, dict[str, float]]:
     return table
 
 
-def _cached_scores(ctx: RunContext, name: str, heldout: list[dict] | None) -> dict | None:
+def _paired_zeroshot(ctx: RunContext, table: dict[str, dict[str, float]], items: dict[str, dict]) -> None:
+    """Each method's zero-shot average minus fp's on the same items, with the paired stderr; items kept on disk.
+
+    Adds `evaluate/<method>/zeroshot_avg_minus_fp` (+ `_stderr`) when fp and the method were scored on all
+    eight tasks in this run (a score read from `evaluate.cache` has no per-item record: no difference).
+    """
+    from qat_lightning.eval.zeroshot import paired_difference
+
+    if not items or ctx.rank != 0:
+        return
+    from qat_lightning.atomic import write_json_atomic
+
+    write_json_atomic(ctx.run_dir / "zeroshot_items.json", items)
+    if "fp" not in items:
+        return
+    for name, got in items.items():
+        diff = paired_difference(got, items["fp"]) if name != "fp" else {}
+        if diff:
+            extra = {"zeroshot_avg_minus_fp": diff["zeroshot_avg_diff"],
+                     "zeroshot_avg_minus_fp_stderr": diff["zeroshot_avg_diff_stderr"]}
+            table[name].update(extra)
+            ctx.record("evaluate", name, extra)
+
+
+def _cached_scores(ctx: RunContext, name: str, heldout: list[dict] | None,
+                   items: dict[str, list[float]] | None = None) -> dict | None:
     """Scores of a post-training method from `evaluate.cache`, computing (and storing) the missing tasks.
 
     The key is what decides the score: the method's resolved node (name + parameters), the model and quant
@@ -127,7 +159,8 @@ def _cached_scores(ctx: RunContext, name: str, heldout: list[dict] | None) -> di
                 model = _method_model(ctx, name)
                 model.eval()
             one_task = replace(cfg.evaluate, tasks=[task], lm_eval_tasks=[])
-            hit = evaluate_model(model, tokenizer, one_task, teacher=teacher, heldout_batches=heldout)
+            hit = evaluate_model(model, tokenizer, one_task, teacher=teacher, heldout_batches=heldout,
+                                 zeroshot_items=items)
             if hit:  # an empty result (kl without held-out data) is not a score
                 cache.put(parts, hit)
         else:
@@ -163,8 +196,15 @@ def stage_export(ctx: RunContext) -> None:
 
         stats = export_gguf(student, tokenizer, out / cfg.export.gguf_file, source_gguf=_source_gguf(ctx),
                             dtype=cfg.export.gguf_dtype, tokenizer_pre=cfg.export.gguf_tokenizer_pre)
-        log.info("run it: llama-cli -m %s -ctk %s -ctv %s -fa on (docs/GGUF.md)", stats["path"],
-                 *(2 * [_kv_type(ctx)]))
+        ctx.deployed_gguf = Path(stats["path"])
+        if ctx.rank == 0:  # Ollama's recipe for the file (docs/GGUF.md has a chat template to add)
+            from qat_lightning.atomic import write_text_atomic
+
+            write_text_atomic(out / "Modelfile", f"FROM ./{cfg.export.gguf_file}\n")
+    elif cfg.export.is_compressed_tensors:  # transformers / vLLM checkpoint (docs/COMPRESSED_TENSORS.md)
+        from qat_lightning.export.hf_compressed import export_compressed_tensors
+
+        stats = export_compressed_tensors(student, out, tokenizer=tokenizer)
     else:
         from qat_lightning.export import export_student
 
@@ -198,13 +238,33 @@ def _kv_type(ctx: RunContext) -> str:
         return "f16"
 
 
-def _gguf_scores(ctx: RunContext) -> dict[str, float]:
-    """The exported GGUF scored by llama.cpp itself on the perplexity tasks (KL/top-1 to the teacher too)."""
-    from qat_lightning.export.llamacpp import llamacpp_scores
+def _gguf_scores(ctx: RunContext, name: str = "gguf") -> dict[str, float]:
+    """A GGUF scored by llama.cpp itself on the perplexity tasks (KL/top-1 to the teacher too).
+
+    "gguf" is this run's export with the KV type it trained for; "gguf_f16" / "gguf_ptq" are the teacher's F16
+    file and llama.cpp's own quantization of it to the run's weight type, with the run's KV type
+    (`engine_types`). The teacher's files are written once per model under <paths.data_dir>/gguf/.
+    """
+    from qat_lightning.export.llamacpp import engine_ptq, engine_types, llamacpp_scores
 
     teacher, tokenizer = ctx.teacher()
-    path = _export_dir(ctx) / ctx.cfg.export.gguf_file
-    return llamacpp_scores(path, tokenizer, ctx.cfg.evaluate, kv_type=_kv_type(ctx), teacher=teacher)
+    if name == "gguf":
+        path, kv_type = _export_dir(ctx) / ctx.cfg.export.gguf_file, _kv_type(ctx)
+    else:
+        ftype, kv_type = engine_types(ctx.cfg.quant)
+        path = engine_ptq(teacher, tokenizer, _engine_dir(ctx), "f16" if name == "gguf_f16" else ftype,
+                          source_gguf=_source_gguf(ctx))
+    log.info("evaluate %s: %s in llama.cpp, KV cache %s", name, path, kv_type)
+    return llamacpp_scores(path, tokenizer, ctx.cfg.evaluate, kv_type=kv_type, teacher=teacher)
+
+
+def _engine_dir(ctx: RunContext) -> Path:
+    """Where the teacher's GGUF files live: one folder per model config (they do not depend on the run)."""
+    import hashlib
+
+    model = {k: v for k, v in asdict(ctx.cfg.model).items() if k not in ("cache_dir",)}
+    digest = hashlib.sha256(json.dumps(model, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return Path(ctx.cfg.paths.data_dir).expanduser() / "gguf" / f"{ctx.cfg.model.name}-{digest}"
 
 
 STAGE_FUNCTIONS = {
@@ -228,3 +288,7 @@ def run_stages(ctx: RunContext) -> None:
         if ctx.results is not None:
             ctx.results.write()
         ctx.close_logger()
+    if ctx.deployed_gguf is not None and ctx.rank == 0:
+        from qat_lightning.export.llamacpp import how_to_run
+
+        print(how_to_run(ctx.deployed_gguf, _kv_type(ctx)), flush=True)

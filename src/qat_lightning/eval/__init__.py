@@ -81,6 +81,7 @@ def evaluate_model(
     cfg: EvalConfig | Mapping | Any,
     teacher: nn.Module | None = None,
     heldout_batches: Sequence[dict] | None = None,
+    zeroshot_items: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
     """Run `cfg.tasks` (and `cfg.lm_eval_tasks`) on `model`; returns plain floats keyed by metric name.
 
@@ -89,6 +90,7 @@ def evaluate_model(
     files, see `eval.zeroshot`) `<task>_acc`, `<task>_acc_norm` (where the harness reports it), their
     `_stderr`, `<task>_n`, `<task>_n_total` and, with all eight, `zeroshot_avg`; and `<task>_<metric>` from
     `lm_eval_tasks`. `kl` needs `teacher` and `heldout_batches`; without them it is skipped with a warning.
+    `zeroshot_items`, when given, receives each zero-shot task's per-item scores (`score_zeroshot`'s `items`).
     """
     cfg = _as_eval_config(cfg)
     paths = {"wikitext2": cfg.wikitext2_path, "c4": cfg.c4_path, "text": cfg.text_path}
@@ -104,6 +106,7 @@ def evaluate_model(
             metrics.update(score_zeroshot(
                 model, tokenizer, zeroshot, limits=task_limits(zeroshot, cfg.zeroshot_limit, cfg.hellaswag_limit),
                 batch_size=cfg.zeroshot_batch_size, root=cfg.zeroshot_data_dir, hellaswag_path=cfg.hellaswag_path,
+                items=zeroshot_items,
             ))
             zeroshot = []
         elif task == "kl":

@@ -11,6 +11,11 @@ TASKS = ("wikitext2", "c4", "kl", *ZEROSHOT_TASKS, "zeroshot")
 # trained student; "export", the exported integer model reloaded from disk (export.out_dir or <run dir>/export);
 # "gguf", the exported GGUF (export.format=gguf) scored by llama.cpp itself, with the KV cache type it trained for
 TRAINED_METHODS = ("qat", "export", "gguf")
+# The in-engine rows a deployed student is compared with, scored by llama.cpp with the run's KV cache type:
+# "gguf_f16", the teacher as an F16 GGUF; "gguf_ptq", llama.cpp's own post-training quantization of that file
+# (llama-quantize) to the run's weight type (Q4_0 for <= 4-bit weights, Q8_0 for 8-bit), what a user gets free
+ENGINE_BASELINES = ("gguf_f16", "gguf_ptq")
+ENGINE_METHODS = ("gguf", *ENGINE_BASELINES)
 
 
 @dataclass

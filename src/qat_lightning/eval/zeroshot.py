@@ -294,6 +294,27 @@ def zeroshot_average(metrics: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
+def paired_difference(items: Mapping[str, Sequence[float]], ref: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """`zeroshot_avg` of `items` minus that of `ref`, scored on the same items, with its paired standard error.
+
+    Why paired: two models answer the same questions, so most of the per-item noise cancels in the difference;
+    the standard error of the difference of the two averages (sqrt(se_a² + se_b²)) ignores that and needs many
+    more items to separate two close methods. Per task, se = std(per-item differences, ddof 1) / sqrt(n); the
+    average's se combines the eight as `zeroshot_average` does. {} unless both have the eight tasks, same sizes.
+    """
+    if not all(t in items and t in ref and len(items[t]) == len(ref[t]) > 1 for t in ZEROSHOT_TASKS):
+        return {}
+    means, errs = [], []
+    for t in ZEROSHOT_TASKS:
+        d = [a - b for a, b in zip(items[t], ref[t])]
+        mean = sum(d) / len(d)
+        var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+        means.append(mean)
+        errs.append(math.sqrt(var / len(d)))
+    n = len(ZEROSHOT_TASKS)
+    return {"zeroshot_avg_diff": sum(means) / n, "zeroshot_avg_diff_stderr": math.sqrt(sum(e * e for e in errs)) / n}
+
+
 def score_zeroshot(
     model: nn.Module,
     tokenizer: Any,
@@ -302,6 +323,7 @@ def score_zeroshot(
     batch_size: int = 32,
     root: str | os.PathLike | None = None,
     hellaswag_path: str | os.PathLike | None = None,
+    items: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
     """Score `model` on zero-shot `tasks` (names of `ZEROSHOT_TASKS`) with the harness, in one evaluation.
 
@@ -309,6 +331,8 @@ def score_zeroshot(
         limits: items per task (the first N in file order), one int for all, or None for the full splits.
         batch_size: rows (continuations) per forward.
         root: the data folder (None: `$QAT_DATA_DIR`); hellaswag_path: as `evaluate.hellaswag_path`.
+        items: when given, filled with each task's per-item score in its paper metric (`PAPER_METRIC`: 1.0 or
+            0.0 per item, in file order), for paired comparisons between methods (`paired_difference`).
     Returns:
         Plain floats: `<task>_acc[_norm][_stderr]`, `<task>_n`, `<task>_n_total`, and `zeroshot_avg[_stderr]`
         when all eight are scored.
@@ -324,10 +348,15 @@ def score_zeroshot(
     lm = QATLM(model, tokenizer, batch_size=batch_size)
     task_dict = build_tasks(docs)
     with _quiet():
-        out = evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=100000, log_samples=False, verbosity="ERROR")
+        out = evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=100000, log_samples=items is not None,
+                       verbosity="ERROR")
     ours = {HARNESS_NAME.get(t, t): t for t in tasks}
     metrics = flatten_results({ours.get(name, name): values for name, values in out["results"].items()},
                               keep_stderr=True)
+    if items is not None:
+        for t in tasks:
+            samples = sorted(out["samples"][HARNESS_NAME.get(t, t)], key=lambda r: r["doc_id"])
+            items[t] = [float(r[PAPER_METRIC[t]]) for r in samples]
     for t in tasks:
         metrics[f"{t}_n"] = float(len(docs[t]))
         metrics[f"{t}_n_total"] = float(len(full[t]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FORMAT_VERSION = "qat-lightning-v1"
-FORMATS = (FORMAT_VERSION, "native", "gguf")  # "native" is the qat-lightning-v1 layout
+FORMATS = (FORMAT_VERSION, "native", "gguf", "compressed-tensors")  # "native" is the qat-lightning-v1 layout
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 GGUF_FLOAT_TYPES = ("f16", "f32")
 
@@ -16,8 +16,10 @@ class ExportConfig:
 
     Args:
         out_dir: target folder; None means ``<run dir>/export``.
-        format: "qat-lightning-v1" / "native" (our safetensors layout, read by `load_exported`) or "gguf"
-            (a llama.cpp file of a quant=q4_0 / q8_0 student: its codes as they are, docs/GGUF.md).
+        format: "qat-lightning-v1" / "native" (our safetensors layout, read by `load_exported`), "gguf"
+            (a llama.cpp file of a quant=q4_0 / q8_0 student: its codes as they are, docs/GGUF.md) or
+            "compressed-tensors" (a transformers / vLLM checkpoint of a W4A16 / W8A16 / W8A8 student, in the
+            student's dtype, docs/COMPRESSED_TENSORS.md).
         scale_dtype: dtype of stored scales (native). float16 halves their size; the loader decodes with
             exactly the stored values, so the exported model is self-consistent whatever is chosen.
         fp_dtype: dtype of the parameters kept in full precision (native: embeddings, norms, lm_head,
@@ -54,3 +56,7 @@ class ExportConfig:
     @property
     def is_gguf(self) -> bool:
         return self.format == "gguf"
+
+    @property
+    def is_compressed_tensors(self) -> bool:
+        return self.format == "compressed-tensors"

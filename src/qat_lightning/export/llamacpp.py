@@ -29,6 +29,8 @@ __all__ = [
     "KV_TYPES",
     "EngineUnavailable",
     "engine_ptq",
+    "engine_types",
+    "how_to_run",
     "kv_type_of",
     "kv_cache_bytes",
     "llamacpp_available",
@@ -260,6 +262,19 @@ def kv_type_of(quant_cfg: Any) -> str:
     return {16: "f16", 8: "q8_0", 4: "q4_0"}[bits]
 
 
+def engine_types(quant_cfg: Any) -> tuple[str, str]:
+    """llama.cpp's (file type, KV cache type) nearest a setting: the in-engine baseline of any student.
+
+    Weights of <= 4 bits map to Q4_0, <= 8 bits to Q8_0, more to F16; the KV cache of 4 / 8 / >= 16 bits to
+    q4_0 / q8_0 / f16 (llama.cpp has no other KV types, so other KV widths are refused).
+    """
+    w_bits, kv_bits = int(quant_cfg.w_bits), min(int(quant_cfg.kv_bits), 16)
+    ftype = "q4_0" if w_bits <= 4 else "q8_0" if w_bits <= 8 else "f16"
+    if kv_bits not in (4, 8, 16):
+        raise ValueError(f"llama.cpp has no KV cache type for kv_bits={kv_bits} (it has q4_0, q8_0, f16)")
+    return ftype, {16: "f16", 8: "q8_0", 4: "q4_0"}[kv_bits]
+
+
 def engine_ptq(
     teacher: torch.nn.Module,
     tokenizer: Any,
@@ -345,3 +360,21 @@ def llamacpp_speed(
 def scores_key(method: str, metrics: Mapping[str, float]) -> dict[str, float]:
     """``evaluate/<method>/<metric>`` keys, as results.json stores the other methods."""
     return {f"evaluate/{method}/{k}": v for k, v in metrics.items()}
+
+
+def how_to_run(gguf_path: str | os.PathLike, kv_type: str = "f16", n_threads: int = 2) -> str:
+    """The commands that run an exported GGUF as it was trained (its KV cache type): printed after an export.
+
+    Ollama sets the KV cache type on its server, not per model: hence the `ollama serve` line.
+    """
+    path = Path(gguf_path)
+    kv = "" if kv_type == "f16" else f" -fa on -ctk {kv_type} -ctv {kv_type}"
+    serve = "" if kv_type == "f16" else f"OLLAMA_FLASH_ATTENTION=1 OLLAMA_KV_CACHE_TYPE={kv_type} ollama serve & "
+    return "\n".join([
+        f"Run {path} (KV cache {kv_type}, as trained; docs/GGUF.md):",
+        f"  llama.cpp:  llama-cli -m {path}{kv} -t {n_threads} -cnv",
+        f"  Ollama:     {serve}ollama create qat -f {path.parent / 'Modelfile'} && ollama run qat",
+        "  Python:     from qat_lightning.export.llamacpp import load_gguf; "
+        f"llm = load_gguf('{path}', kv_type='{kv_type}'); "
+        "print(llm.create_completion('The capital of France is', max_tokens=32)['choices'][0]['text'])",
+    ])

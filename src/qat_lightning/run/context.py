@@ -45,6 +45,7 @@ class RunContext:
         self.trained_student: nn.Module | None = None
         self.trained_path: Path | None = None  # where the train stage saved it (reloaded after sharded training)
         self.corpus_path: Path | None = None
+        self.deployed_gguf: Path | None = None  # the GGUF the export stage wrote (its run commands are printed)
         self._datamodule = None
         self._calib: list[dict] | None = None
         self._logger = None  # built on first use; one per run, shared by train, evaluate and export
