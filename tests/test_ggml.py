@@ -309,3 +309,16 @@ def test_hf_tokenizer_is_written_like_the_source_gguf(tmp_path):
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
         assert ours[key].contents() == source[key].contents(), key
+
+
+def test_the_cached_hadamard_matrix_built_under_inference_mode_still_trains():
+    """First use while scoring (inference mode), then a training step: the cached matrix must not be an
+    inference tensor (autograd refuses to save those for backward)."""
+    from qat_lightning.quant import ggml
+
+    ggml._hadamard.cache_clear()
+    with torch.inference_mode():
+        ggml.hadamard_rotate(torch.randn(2, 64), 64)
+    x = torch.randn(2, 64, requires_grad=True)
+    (ggml.hadamard_rotate(x, 64) * torch.randn(2, 64)).sum().backward()
+    assert x.grad is not None and not ggml.hadamard(64).is_inference()

@@ -1,4 +1,4 @@
-"""What decides a result, as a hash: the package's own source code, for the run memo and the eval cache.
+"""What decides a result, as a hash: the package's own source code (run memo, eval cache) and config digests.
 
 `__version__` never changed while quantizers did, so caches keyed on it replayed stale numbers. A hash of
 every `.py` file of the installed package changes with any code change, editable install or wheel alike.
@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
-__all__ = ["source_hash"]
+__all__ = ["digest", "source_hash"]
+
+
+def digest(obj: Any, length: int = 10) -> str:
+    """A short sha256 of `obj` as canonical JSON (sorted keys; non-JSON values by str): folder and cache keys."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 @functools.cache

@@ -260,11 +260,10 @@ def _gguf_scores(ctx: RunContext, name: str = "gguf") -> dict[str, float]:
 
 def _engine_dir(ctx: RunContext) -> Path:
     """Where the teacher's GGUF files live: one folder per model config (they do not depend on the run)."""
-    import hashlib
+    from qat_lightning.fingerprint import digest
 
-    model = {k: v for k, v in asdict(ctx.cfg.model).items() if k not in ("cache_dir",)}
-    digest = hashlib.sha256(json.dumps(model, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return Path(ctx.cfg.paths.data_dir).expanduser() / "gguf" / f"{ctx.cfg.model.name}-{digest}"
+    model = {k: v for k, v in asdict(ctx.cfg.model).items() if k != "cache_dir"}
+    return Path(ctx.cfg.paths.data_dir).expanduser() / "gguf" / f"{ctx.cfg.model.name}-{digest(model)}"
 
 
 STAGE_FUNCTIONS = {

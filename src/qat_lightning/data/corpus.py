@@ -7,12 +7,12 @@ but still records what it found, so every run's `results.json` says which corpus
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+
+from qat_lightning.fingerprint import digest
 
 log = logging.getLogger("qat_lightning")
 
@@ -27,8 +27,8 @@ def corpus_dir(cfg) -> Path:
     gen.pop("num_sequences", None)  # a bigger corpus of the same settings extends the same folder
     gen.pop("out_dir", None)
     model = {k: v for k, v in asdict(cfg.model).items() if k not in ("cache_dir", "dtype")}
-    digest = hashlib.sha256(json.dumps([gen, model], sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return Path(cfg.paths.data_dir).expanduser() / "generated" / cfg.model.name / f"{cfg.generation.strategy}-{digest}"
+    key = digest([gen, model])
+    return Path(cfg.paths.data_dir).expanduser() / "generated" / cfg.model.name / f"{cfg.generation.strategy}-{key}"
 
 
 def ensure_corpus(ctx) -> Path:

@@ -19,7 +19,7 @@ import torch
 
 from qat_lightning.eval.config import ZEROSHOT_TASKS, EvalConfig
 from qat_lightning.eval.sources import resolve_path
-from qat_lightning.fingerprint import source_hash
+from qat_lightning.fingerprint import digest, source_hash
 from qat_lightning.results import write_json_atomic
 
 # methods whose scores depend only on configs and data (QAT students and exports are never cached)
@@ -82,8 +82,7 @@ def zeroshot_parts(ev: EvalConfig, task: str) -> dict[str, Any]:
 
 
 def cache_key(parts: dict[str, Any]) -> str:
-    text = json.dumps([source_hash(), parts], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    return digest([source_hash(), parts], length=24)
 
 
 class EvalCache:

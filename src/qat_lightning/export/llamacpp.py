@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
+KV_TYPE_OF_BITS = {16: "f16", 8: "q8_0", 4: "q4_0"}  # llama.cpp's KV cache types by width (>= 16: f16)
 INSTALL = "CMAKE_ARGS='-DGGML_NATIVE=ON' pip install llama-cpp-python==0.3.36  (or: pip install -e '.[engine]')"
 
 
@@ -257,9 +258,9 @@ def llamacpp_quantize(
 def kv_type_of(quant_cfg: Any) -> str:
     """llama.cpp's KV cache type (-ctk/-ctv) that runs a student of `quant_cfg` as it was trained."""
     bits = min(int(quant_cfg.kv_bits), 16)
-    if bits not in (4, 8, 16) or (bits < 16 and getattr(quant_cfg, "estimator", None) != "ggml"):
+    if bits not in KV_TYPE_OF_BITS or (bits < 16 and getattr(quant_cfg, "estimator", None) != "ggml"):
         raise ValueError(f"no llama.cpp KV cache type for kv_bits={bits} with estimator {quant_cfg.estimator!r}")
-    return {16: "f16", 8: "q8_0", 4: "q4_0"}[bits]
+    return KV_TYPE_OF_BITS[bits]
 
 
 def engine_types(quant_cfg: Any) -> tuple[str, str]:
@@ -270,9 +271,9 @@ def engine_types(quant_cfg: Any) -> tuple[str, str]:
     """
     w_bits, kv_bits = int(quant_cfg.w_bits), min(int(quant_cfg.kv_bits), 16)
     ftype = "q4_0" if w_bits <= 4 else "q8_0" if w_bits <= 8 else "f16"
-    if kv_bits not in (4, 8, 16):
+    if kv_bits not in KV_TYPE_OF_BITS:
         raise ValueError(f"llama.cpp has no KV cache type for kv_bits={kv_bits} (it has q4_0, q8_0, f16)")
-    return ftype, {16: "f16", 8: "q8_0", 4: "q4_0"}[kv_bits]
+    return ftype, KV_TYPE_OF_BITS[kv_bits]
 
 
 def engine_ptq(

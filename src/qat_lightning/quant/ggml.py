@@ -227,6 +227,7 @@ def kv_rotation_size(head_dim: int, which: str) -> int | None:
 
 
 @functools.lru_cache(maxsize=8)
+@torch.inference_mode(False)  # a cached tensor first built while scoring must still serve a later training step
 def _hadamard(n: int) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:  # Sylvester: [[H, H], [H, -H]], as ggml_gen_hadamard builds it
