@@ -129,7 +129,7 @@ def _rotation_check(record: Any) -> None:
     rec = record or {}
     if rec.get("r3") or rec.get("r4"):
         raise _refuse("online rotations (R3/R4) are not in the format: transformers and vLLM would run another "
-                      "function; rotate with R1+R2 only (methods.quarot.r3=false methods.quarot.r4=false)")
+                      "function; rotate with R1+R2 only (methods.<init>.r3=false methods.<init>.r4=false)")
 
 
 def compressed_tensors_scheme(quant_cfg: Any, rotation: Any = None) -> str:

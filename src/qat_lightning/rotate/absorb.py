@@ -129,7 +129,9 @@ def _norms_are_folded(model: nn.Module, ad: ModelAdapter) -> bool:
 
 # -- R1 / R2 / R4 -----------------------------------------------------------------------------------
 @torch.no_grad()
-def _apply_r1(model: nn.Module, ad: ModelAdapter, q: torch.Tensor) -> None:
+def apply_r1_matrix(model: nn.Module, ad: ModelAdapter, q: torch.Tensor) -> None:
+    """R1 with a given orthogonal (hidden, hidden) `q`, in place; the norms must be folded already."""
+    q = q.double()
     emb = ad.embed(model)
     _set(emb.weight, emb.weight.double() @ q.to(emb.weight.device))  # (V, h) @ (h, h)
     for layer in ad.layers(model):
@@ -143,12 +145,21 @@ def _apply_r1(model: nn.Module, ad: ModelAdapter, q: torch.Tensor) -> None:
 
 @torch.no_grad()
 def _apply_r2(model: nn.Module, ad: ModelAdapter, kind: str, seed: int) -> None:
-    hd, n_kv, group = ad.head_dim, ad.num_kv_heads, ad.group_size
-    for i, layer in enumerate(ad.layers(model)):
+    hd, n_kv = ad.head_dim, ad.num_kv_heads
+    per_layer = [torch.stack([rotation_matrix(hd, kind, _sub_seed(seed, "r2", i * n_kv + h)) for h in range(n_kv)])
+                 for i in range(len(ad.layers(model)))]  # each (n_kv, hd, hd): one per KV head
+    apply_r2_matrices(model, ad, per_layer)
+
+
+@torch.no_grad()
+def apply_r2_matrices(model: nn.Module, ad: ModelAdapter, per_layer: list[torch.Tensor]) -> None:
+    """R2 with given matrices: `per_layer[i]` is (n_kv, hd, hd), one orthogonal Q2 per KV head of layer i."""
+    group = ad.group_size
+    for layer, qs in zip(ad.layers(model), per_layer, strict=True):
         attn = ad.attention(layer)
         v, o = attn.v_proj, attn.o_proj
-        qs = torch.stack([rotation_matrix(hd, kind, _sub_seed(seed, "r2", i * n_kv + h)) for h in range(n_kv)])
-        qs = qs.to(v.weight.device)  # (n_kv, hd, hd): one per KV head
+        n_kv, hd = qs.shape[0], qs.shape[-1]
+        qs = qs.double().to(v.weight.device)  # (n_kv, hd, hd)
         wv = v.weight.double().unflatten(0, (n_kv, hd))  # (n_kv, hd, in)
         _set(v.weight, (qs.transpose(1, 2) @ wv).flatten(0, 1))  # rows of head h: Q2ᵀ W_h
         if v.bias is not None:
@@ -211,7 +222,7 @@ def rotate_model(
     out = model if inplace else copy.deepcopy(model)
     if r1:
         fold_norms(out)
-        _apply_r1(out, ad, rotation_matrix(ad.hidden_size, kind, _sub_seed(seed, "r1")))
+        apply_r1_matrix(out, ad, rotation_matrix(ad.hidden_size, kind, _sub_seed(seed, "r1")))
     if r2:
         _apply_r2(out, ad, kind, seed)
     if r4:
