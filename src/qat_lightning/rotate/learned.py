@@ -18,6 +18,7 @@ QuaRot's are (`absorb.apply_r1_matrix`, `absorb.apply_r2_matrices`): the result 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ from qat_lightning.rotate.absorb import (
 )
 
 __all__ = ["learn_rotations"]
+
+log = logging.getLogger(__name__)
 
 
 class _Rotation(nn.Module):
@@ -187,6 +190,8 @@ def learn_rotations(
         opt.step()
         opt.zero_grad(set_to_none=True)
         kl_log.append(float(kl))
+        if step % 10 == 0 or step == steps - 1:
+            log.info("learned rotations: step %d/%d, KL(teacher || quantized student) %.4f", step, steps, kl_log[-1])
 
     with torch.no_grad():
         r1_learned = r1.matrix().detach().double()
