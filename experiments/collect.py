@@ -26,7 +26,7 @@ def find_runs(roots: list[Path]) -> list[Path]:
     return list(dict.fromkeys(runs))
 
 
-ORDER = ["fp", "rtn", "smoothquant", "gptq", "awq", "qat"]  # columns: teacher, baselines, then the student
+ORDER = ["fp", "rtn", "smoothquant", "gptq", "awq", "kvsmooth", "quarot", "quarot_gptq", "spinquant", "qat"]  # columns: teacher, baselines, then the student
 
 
 def _overrides(run: Path) -> list[str]:
