@@ -26,7 +26,8 @@ def find_runs(roots: list[Path]) -> list[Path]:
     return list(dict.fromkeys(runs))
 
 
-ORDER = ["fp", "rtn", "smoothquant", "gptq", "awq", "kvsmooth", "quarot", "quarot_gptq", "spinquant", "qat"]  # columns: teacher, baselines, then the student
+# columns: teacher, baselines, then the student
+ORDER = ["fp", "rtn", "smoothquant", "gptq", "awq", "kvsmooth", "quarot", "quarot_gptq", "spinquant", "qat"]
 
 
 def _overrides(run: Path) -> list[str]:
