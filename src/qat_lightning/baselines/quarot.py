@@ -34,10 +34,9 @@ class QuaRot(Method):
     kind: str = "hadamard"
 
     def __post_init__(self) -> None:
-        from qat_lightning.rotate.hadamard import KINDS
+        from qat_lightning.rotate.hadamard import check_kind
 
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        check_kind(self.kind)
 
     def rotate(self, model: nn.Module) -> nn.Module:
         from qat_lightning.rotate import rotate_model

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from qat_lightning.baselines.method import Method, register
+from qat_lightning.baselines.quarot import QuaRot
 
 __all__ = ["SpinQuant"]
 
@@ -34,22 +35,17 @@ class SpinQuant(Method):
     kind: str = "hadamard"
 
     def __post_init__(self) -> None:
-        from qat_lightning.rotate.hadamard import KINDS
+        from qat_lightning.rotate.hadamard import check_kind
 
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        check_kind(self.kind)
         if self.steps < 1 or self.lr <= 0:
             raise ValueError(f"spinquant needs steps >= 1 and lr > 0, got steps={self.steps}, lr={self.lr}")
 
     def transform(self, model: nn.Module, qcfg: Any, calib_batches: list[dict] | None) -> nn.Module:
         from qat_lightning.rotate.learned import learn_rotations
 
-        self.check_calibration(calib_batches)
         rotated, _ = learn_rotations(model, qcfg, calib_batches, steps=self.steps, lr=self.lr,
                                      learn_r2=self.learn_r2, r3=self.r3, r4=self.r4, seed=self.seed, kind=self.kind)
         return rotated
 
-    def finish_student(self, student: nn.Module) -> nn.Module:
-        from qat_lightning.rotate import attach_online_rotations
-
-        return attach_online_rotations(student)
+    finish_student = QuaRot.finish_student  # the online R3/R4 wrap the student's (KV-quantizing) attention

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from qat_lightning.models.adapter import NORM_READERS, RESIDUAL_WRITERS, ModelAdapter, adapter_for
-from qat_lightning.rotate.hadamard import KINDS, rotation_info, rotation_matrix
+from qat_lightning.rotate.hadamard import check_kind, rotation_info, rotation_matrix
 from qat_lightning.rotate.online import attach_r3, attach_r4
 
 __all__ = ["CONFIG_KEY", "attach_online_rotations", "fold_norms", "rotate_model", "rotation_of", "untie_embeddings"]
@@ -215,8 +215,7 @@ def rotate_model(
         kind: "hadamard" (randomized Hadamard, QuaRot; random orthogonal for sizes without a construction)
             or "random" (Haar-random orthogonal everywhere).
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown rotation kind {kind!r}; expected one of {KINDS}")
+    check_kind(kind)
     _check_fp(model)
     ad = adapter_for(model)
     out = model if inplace else copy.deepcopy(model)

@@ -34,6 +34,7 @@ import torch
 
 __all__ = [
     "KINDS",
+    "check_kind",
     "HadamardFactors",
     "hadamard_factors",
     "hadamard_matrix",
@@ -148,10 +149,15 @@ def random_signs(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=_generator(seed)).to(torch.float64).mul_(2).sub_(1)
 
 
-def rotation_info(n: int, kind: str = "hadamard") -> str:
-    """What `rotation_matrix(n, kind)` builds, in words (for logs and docs)."""
+def check_kind(kind: str) -> None:
+    """One error line for a rotation kind that is not one of `KINDS` (config validation and every builder)."""
     if kind not in KINDS:
         raise ValueError(f"unknown rotation kind {kind!r}; expected one of {KINDS}")
+
+
+def rotation_info(n: int, kind: str = "hadamard") -> str:
+    """What `rotation_matrix(n, kind)` builds, in words (for logs and docs)."""
+    check_kind(kind)
     f = hadamard_factors(n) if kind == "hadamard" else None
     if f is None:
         return f"random orthogonal (QR) {n}"
@@ -163,8 +169,7 @@ def rotation_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> torch.Tens
 
     `kind="hadamard"` falls back to a random orthogonal matrix for sizes with no Hadamard construction.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown rotation kind {kind!r}; expected one of {KINDS}")
+    check_kind(kind)
     if kind == "random" or hadamard_factors(n) is None:
         return random_orthogonal(n, seed)
     return random_signs(n, seed)[:, None] * hadamard_matrix(n) / math.sqrt(n)  # (n, n): diag(s) H / sqrt(n)
