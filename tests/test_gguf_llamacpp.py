@@ -97,6 +97,27 @@ def test_llamacpp_logits_agree_with_the_fake_quant_student(tiny_files, kv):
     assert a["kl"] < 2e-5 and a["rel_max"] < 0.02 and a["top1"] >= 0.98, a
 
 
+@pytest.mark.parametrize("kv", ["q8_0", "q4_0"])
+def test_rotated_r1_r2_student_runs_in_llamacpp_as_a_plain_untied_llama(tmp_path, kv):
+    """#17 in the deployed format: QuaRot's R1+R2 leave a plain (now untied) Llama; its Q4_0 student's GGUF
+    holds an `output.weight` and llama.cpp computes the fake-quant student's logits, as for an unrotated one."""
+    from qat_lightning.rotate import rotate_model
+
+    rotated = rotate_model(_tiny(), r1=True, r2=True, seed=0)
+    assert not rotated.config.tie_word_embeddings
+    student = quantize_model(rotated, _q4_0(kv))
+    export_gguf(student, None, tmp_path / "rot.gguf", source_gguf=smollm2_gguf_path())
+    assert "output.weight" in {t.name for t in GGUFReader(tmp_path / "rot.gguf").tensors}
+    ids = _ids(seed=4)
+    with torch.inference_mode():
+        ref = student(ids[None]).logits[0]
+    llm = load_gguf(tmp_path / "rot.gguf", n_ctx=128, kv_type=kv, model=rotated)
+    out = llamacpp_logits(llm, ids)
+    llm.close()
+    a = _agreement(out, ref)
+    assert a["kl"] < 2e-5 and a["rel_max"] < 0.02 and a["top1"] >= 0.98, a
+
+
 def test_kv_rotation_off_in_the_engine_matches_kv_hadamard_false(tiny_files, monkeypatch):
     """LLAMA_ATTN_ROT_DISABLE=1 is `kv_hadamard: false`: the emulation follows llama.cpp's switch."""
     model, root = tiny_files

@@ -75,9 +75,15 @@ def test_learned_rotations_refuse_bad_settings():
         learn_rotations(teacher, lsq, batches(), steps=1)
 
 
-def test_init_spinquant_starts_qat_from_the_learned_rotation(tmp_path):
+def test_init_spinquant_starts_qat_from_the_learned_rotation(tmp_path, monkeypatch):
     """`init=spinquant` and `evaluate.methods=[spinquant]` through a run: with a vanishing lr the trained
-    student is the spinquant baseline's student, and the learned rotation differs from QuaRot's start."""
+    student is the spinquant baseline's student, the learned rotation differs from QuaRot's start, and the
+    rotation is learned once for both (the run keeps init's rewrite for evaluate)."""
+    import qat_lightning.rotate.learned as learned
+
+    calls = []
+    real = learned.learn_rotations
+    monkeypatch.setattr(learned, "learn_rotations", lambda *a, **k: calls.append(1) or real(*a, **k))
     from conftest import compose, tiny_overrides
     from qat_lightning.config import validate_config
     from qat_lightning.results import load_results
@@ -93,3 +99,31 @@ def test_init_spinquant_starts_qat_from_the_learned_rotation(tmp_path):
     kl = {m: results[f"evaluate/{m}/kl"] for m in ("quarot", "spinquant", "qat")}
     assert kl["qat"] == pytest.approx(kl["spinquant"], rel=1e-5), kl
     assert abs(kl["spinquant"] - kl["quarot"]) > 1e-3 * kl["quarot"], kl
+    assert len(calls) == 1
+
+
+def test_spinquant_gptq_is_gptq_on_the_learned_rotation():
+    """`spinquant_gptq` = the spinquant rotation (same seed, steps, lr) + GPTQ's weights: its student is
+    closer to the teacher than spinquant's RTN student, and it keeps the learned rotation's record."""
+    from qat_lightning.baselines import build_method
+
+    teacher = outlier_teacher()
+    data = batches()
+    params = {"steps": 20, "lr": 1e-3}
+    rtn_student = build_method("spinquant", params).build(teacher, W2, data)
+    gptq_method = build_method("spinquant_gptq", params)
+    gptq_student = gptq_method.build(teacher, W2, data)
+    assert rotation_of(gptq_student)["learned"]["steps"] == 20
+    assert gptq_method.student_config(W2) != W2  # the weights are already on the grid: no second rounding
+
+    def kl(student):
+        from qat_lightning.distill.losses import soft_cross_entropy
+
+        with torch.no_grad():
+            return float(torch.stack([soft_cross_entropy(student(input_ids=b["input_ids"], use_cache=False).logits,
+                                                         teacher(input_ids=b["input_ids"], use_cache=False).logits)[1]
+                                      for b in data]).mean())
+
+    assert kl(gptq_student) < 0.9 * kl(rtn_student), (kl(gptq_student), kl(rtn_student))
+    with pytest.raises(ValueError, match="percdamp|block_size"):
+        build_method("spinquant_gptq", {"percdamp": -1.0})

@@ -61,8 +61,7 @@ def _method_model(ctx: RunContext, name: str) -> nn.Module:
     if name == "qat":
         return ctx.student()
     method = ctx.cfg.method(name)
-    calib = ctx.calib_batches() if method.needs_calibration else None
-    return method.build(teacher, ctx.cfg.quant, calib)
+    return method.build(teacher, ctx.cfg.quant, base=ctx.transformed(method))
 
 
 def stage_evaluate(ctx: RunContext) -> dict[str, dict[str, float]]:

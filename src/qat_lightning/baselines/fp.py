@@ -19,5 +19,6 @@ class FP(Method):
 
     name: ClassVar[str] = "fp"
 
-    def build(self, model: nn.Module, qcfg: Any, calib_batches: list[dict] | None = None) -> nn.Module:
+    def build(self, model: nn.Module, qcfg: Any, calib_batches: list[dict] | None = None,
+              base: nn.Module | None = None) -> nn.Module:
         return model

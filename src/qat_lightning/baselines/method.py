@@ -41,12 +41,15 @@ class Method:
         """The `QuantConfig` the evaluated student applies on top of `transform`'s model."""
         return qcfg
 
-    def build(self, model: nn.Module, qcfg: Any, calib_batches: list[dict] | None = None) -> nn.Module:
-        """The student `evaluate` scores: the student's quantizers on the transformed model."""
+    def build(self, model: nn.Module, qcfg: Any, calib_batches: list[dict] | None = None,
+              base: nn.Module | None = None) -> nn.Module:
+        """The student `evaluate` scores: the student's quantizers on the transformed model (`base`, when the
+        run already has this method's `transform` of `model`; it becomes the student)."""
         from qat_lightning.quant import as_quant_config, quantize_model
 
-        self.check_calibration(calib_batches)
-        base = self.transform(model, qcfg, calib_batches)
+        if base is None:
+            self.check_calibration(calib_batches)
+            base = self.transform(model, qcfg, calib_batches)
         student = quantize_model(base, as_quant_config(self.student_config(qcfg)), inplace=base is not model)
         return self.finish_student(student)
 

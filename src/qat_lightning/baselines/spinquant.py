@@ -1,6 +1,7 @@
 """SpinQuant (Liu et al. 2024), data-free: QuaRot's rotations with R1 and R2 then learned against the quantized
-student's distillation loss on the run's calibration batches (`rotate/learned.py`); then RTN (`spinquant`).
-As `init=spinquant`, QAT starts from the learned-rotation teacher.
+student's distillation loss on the run's calibration batches (`rotate/learned.py`); then RTN (`spinquant`) or
+GPTQ (`spinquant_gptq`, what SpinQuant reports for its weights). As `init=spinquant`, QAT starts from the
+learned-rotation teacher.
 
 R1 + R2 are absorbed (a plain checkpoint that exports and llama.cpp run); R3 / R4, when set, stay fixed online
 Hadamards (docs/ROTATIONS.md says which engines run them).
@@ -13,10 +14,12 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from qat_lightning.baselines.gptq import _check_options, gptq_weights, weights_prequantized_config
 from qat_lightning.baselines.method import Method, register
 from qat_lightning.baselines.quarot import QuaRot
+from qat_lightning.quant import as_quant_config
 
-__all__ = ["SpinQuant"]
+__all__ = ["SpinQuant", "SpinQuantGPTQ"]
 
 
 @register
@@ -49,3 +52,26 @@ class SpinQuant(Method):
         return rotated
 
     finish_student = QuaRot.finish_student  # the online R3/R4 wrap the student's (KV-quantizing) attention
+
+
+@register
+@dataclass
+class SpinQuantGPTQ(SpinQuant):
+    """The learned rotation (learned against the RTN student, as `spinquant`), then GPTQ's weights on the
+    rotated model (block_size, percdamp, act_order as `methods.gptq`)."""
+
+    name: ClassVar[str] = "spinquant_gptq"
+    block_size: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_options(self.block_size, self.percdamp)
+
+    def transform(self, model: nn.Module, qcfg: Any, calib_batches: list[dict] | None) -> nn.Module:
+        rotated = super().transform(model, qcfg, calib_batches)
+        return gptq_weights(rotated, qcfg, calib_batches, self.block_size, self.percdamp, self.act_order)
+
+    def student_config(self, qcfg: Any) -> Any:
+        return weights_prequantized_config(as_quant_config(qcfg))

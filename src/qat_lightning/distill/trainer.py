@@ -94,7 +94,9 @@ def train_student(ctx) -> DistillationModule:
     # where QAT starts: the teacher, or a post-training method's FP rewrite of it (`init=<method>`), e.g.
     # smoothquant (the paper's "LLM-QAT + SmoothQuant"), gptq (step 0 is ~the GPTQ baseline), kvsmooth
     method = cfg.method(cfg.init)
-    base = method.transform(teacher, cfg.quant, ctx.calib_batches() if method.needs_calibration else None)
+    scored_later = "evaluate" in cfg.stages and any(
+        m in cfg.methods and cfg.method(m) == method for m in cfg.evaluate.methods)  # kept, not redone
+    base = ctx.transformed(method, keep=scored_later)
     student = method.finish_student(quantize_model(base, cfg.quant, inplace=base is not teacher))
     student.requires_grad_(True).train()  # the copy inherits the frozen teacher's flags
     module = DistillationModule(

@@ -48,6 +48,7 @@ class RunContext:
         self.deployed_gguf: Path | None = None  # the GGUF the export stage wrote (its run commands are printed)
         self._datamodule = None
         self._calib: list[dict] | None = None
+        self._transformed: dict[str, nn.Module] = {}  # init's FP rewrite, kept for evaluate (`transformed`)
         self._logger = None  # built on first use; one per run, shared by train, evaluate and export
 
     # ---- logging and results ----------------------------------------------------------------------
@@ -101,9 +102,31 @@ class RunContext:
         self.trained_student = load_saved_student(teacher, path)
         return self.trained_student
 
+    def transformed(self, method, keep: bool = False) -> nn.Module:
+        """`method.transform` of the teacher on this run's calibration batches: a new model the caller owns.
+
+        Why: a learned rotation or GPTQ is minutes of work, and a run that starts QAT from a method
+        (`init=spinquant`) and also scores it (`evaluate.methods=[spinquant]`) needs the same rewrite twice.
+        `keep=True` (the train stage, when evaluate will ask) keeps a copy for the next call, which takes it.
+        """
+        import copy
+        import json
+
+        key = json.dumps(method.identity(), sort_keys=True, default=str)
+        if key in self._transformed:
+            return self._transformed.pop(key)
+        teacher, _ = self.teacher()
+        calib = self.calib_batches() if method.needs_calibration else None
+        method.check_calibration(calib)
+        base = method.transform(teacher, self.cfg.quant, calib)
+        if keep and base is not teacher:
+            self._transformed[key] = copy.deepcopy(base)
+        return base
+
     def drop_models(self) -> None:
         self._teacher = None
         self.trained_student = None
+        self._transformed.clear()
 
     # ---- data --------------------------------------------------------------------------------------
     def datamodule(self):
