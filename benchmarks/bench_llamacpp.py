@@ -17,6 +17,7 @@ q8_0 / q4_0; with --harness also our PyTorch fake-quant student's perplexity for
     python benchmarks/bench_llamacpp.py                      # speed table (make bench)
     python benchmarks/bench_llamacpp.py --quality --harness  # the perplexity table of docs/BENCHMARKS.md
     python benchmarks/bench_llamacpp.py --quality --student run/export/model.gguf
+    python benchmarks/bench_llamacpp.py --quality --rotate 0 --files rot_q4_0 rot_rtn_q4_0   # R1+R2 first (#17)
 """
 
 from __future__ import annotations
@@ -86,6 +87,30 @@ def build_files(work: Path, teacher: torch.nn.Module, tokenizer, student_gguf: s
     return files
 
 
+def build_rotated_files(work: Path, teacher: torch.nn.Module, tokenizer, seed: int) -> dict[str, Path]:
+    """#17 in the deployed format, post-training: QuaRot's R1+R2 (seed `seed`; a plain untied Llama) before
+    llama.cpp's own Q4_0 (`rot_q4_0`) and before our RTN in the format (`rot_rtn_q4_0`). The untied
+    output.weight and token_embd are Q8_0 in both, as quant=q4_0 writes them (llama-quantize would pick Q4_0
+    for token_embd of an untied model)."""
+    from qat_lightning.rotate import rotate_model
+
+    files = {"rot_f16": work / f"smollm2-rot{seed}-f16.gguf", "rot_q4_0": work / f"smollm2-rot{seed}-q4_0.gguf",
+             "rot_rtn_q4_0": work / f"smollm2-rot{seed}-rtn-q4_0.gguf"}
+    if all(f.exists() for f in files.values()):
+        return files
+    rotated = rotate_model(teacher, r1=True, r2=True, seed=seed)
+    source = smollm2_gguf_path()
+    if not files["rot_f16"].exists():
+        print("export rotated f16:", export_gguf(rotated, tokenizer, files["rot_f16"], source_gguf=source, dtype="f16"))
+    if not files["rot_q4_0"].exists():
+        print("llama.cpp quantize rotated q4_0:", llamacpp_quantize(files["rot_f16"], files["rot_q4_0"], "q4_0",
+                                                                    output_type="q8_0", token_embd_type="q8_0"))
+    if not files["rot_rtn_q4_0"].exists():
+        student = quantize_model(rotated, q4_0_config("q8_0"))
+        print("export rotated rtn q4_0:", export_gguf(student, tokenizer, files["rot_rtn_q4_0"], source_gguf=source))
+    return files
+
+
 def speed(files: dict[str, Path], contexts: list[int], n_gen: int, repeats: int, threads: int,
           only: list[str] | None = None) -> list[dict]:
     """Interleaved timing: every row once per round, medians over rounds."""
@@ -123,7 +148,8 @@ def quality(files: dict[str, Path], teacher, tokenizer, harness: bool, threads: 
         return cache[key]
 
     rows = []
-    for name in [n for n in ("f16", "q4_0", "rtn_q4_0", "student") if n in files and (not names or n in names)]:
+    order = ("f16", "q4_0", "rtn_q4_0", "rot_f16", "rot_q4_0", "rot_rtn_q4_0", "student")
+    for name in [n for n in order if n in files and (not names or n in names)]:
         for kv in kv_types or list(KV_BITS):
             t0 = time.perf_counter()
             llm = load_gguf(files[name], n_ctx=seq_len, kv_type=kv, n_threads=threads)
@@ -163,10 +189,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--files", nargs="+", default=None, help="--quality rows: f16 q4_0 rtn_q4_0 student (default all)")
+    p.add_argument("--files", nargs="+", default=None,
+                   help="--quality rows: f16 q4_0 rtn_q4_0 student, rot_* with --rotate (default all)")
     p.add_argument("--kv", nargs="+", default=list(KV_BITS), help="with --quality: only these KV cache types")
     p.add_argument("--rows", nargs="+", default=None, help="speed rows to time (default all), e.g. 'Q4_0' 'Q4_0 ours'")
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--rotate", type=int, default=None, metavar="SEED",
+                   help="with --quality: add rows rot_f16 / rot_q4_0 / rot_rtn_q4_0 (R1+R2 of this seed first)")
     args = p.parse_args(argv)
     if not llamacpp_available():
         print("bench_llamacpp: llama-cpp-python is not installed (pip install -e '.[engine]'); skipped")
@@ -174,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     teacher, tokenizer = load_model({"source": "smollm2"})
     files = build_files(Path(args.work), teacher, tokenizer, args.student)
+    if args.rotate is not None:
+        files.update(build_rotated_files(Path(args.work), teacher, tokenizer, args.rotate))
     if args.quality:
         rows = quality(files, teacher, tokenizer, args.harness, args.threads, args.seq_len, args.windows,
                        args.files, args.kv)

@@ -39,11 +39,11 @@ ABLATIONS: dict[str, list[str]] = {
            "optim.lr=1e-4,3e-4,1e-3"],
     "steps": ["generation.num_sequences=1024", "generation.batch_size=64", "optim.lr=3e-4", "trainer.max_epochs=3",
               "trainer.max_steps=100,300,700"],
-    # QAT from the teacher vs from rotated teachers (QuaRot's Hadamard R1+R2, GPTQ's weights on it, learned
-    # SpinQuant-style R1+R2): the deployable rotations only (plain checkpoints); the rotation baselines are
-    # scored beside each student
-    "rotations": ["init=teacher,rotate,quarot_gptq,spinquant",
-                  "evaluate.methods=[fp,rtn,quarot,quarot_gptq,spinquant,spinquant_gptq,qat]"],
+    # QAT from the recipe's init (kvsmooth) vs from rotated teachers (QuaRot's Hadamard R1+R2, plain, with
+    # kvsmooth's keys, with GPTQ's weights; learned SpinQuant-style R1+R2): the deployable rotations only (plain
+    # checkpoints); the rotation baselines are scored beside each student
+    "rotations": ["init=kvsmooth,rotate,quarot_kvsmooth,quarot_gptq,spinquant",
+                  "evaluate.methods=[fp,rtn,kvsmooth,quarot,quarot_gptq,quarot_kvsmooth,spinquant,qat]"],
     # the paper's W-A-KV grid x methods, with its eight zero-shot tasks (their average beside WikiText-2; the
     # first 200 items of each task on CPU: `-- evaluate.zeroshot_limit=null` for the full splits); --budget recipe
     "paper_table": ["quant=w4a8kv4,w4a8kv8,w4a6,w4,w8a8kv4,w8a8kv8,w4a4kv4",

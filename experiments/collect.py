@@ -27,8 +27,8 @@ def find_runs(roots: list[Path]) -> list[Path]:
 
 
 # columns: teacher, baselines, then the student
-ORDER = ["fp", "rtn", "smoothquant", "gptq", "awq", "kvsmooth", "quarot", "quarot_gptq", "spinquant", "spinquant_gptq",
-         "qat"]
+ORDER = ["fp", "rtn", "smoothquant", "gptq", "awq", "kvsmooth", "quarot", "quarot_gptq", "quarot_kvsmooth", "spinquant",
+         "spinquant_gptq", "qat"]
 
 
 def _overrides(run: Path) -> list[str]:

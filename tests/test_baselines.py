@@ -431,6 +431,26 @@ def test_kv_smoothing_cuts_kv4_error_and_strength_0_is_rtn():
         kv_smooth(teacher, qcfg, batches, strength=1.5)
 
 
+def test_quarot_kvsmooth_is_the_rotated_teacher_with_kvsmooths_keys():
+    """R1+R2 leave k_proj's outputs unchanged, so `quarot_kvsmooth` = QuaRot's rotation + kvsmooth's key
+    scales: FP logits kept, the rotation recorded, and its KV4 error kvsmooth's, well under QuaRot's."""
+    from qat_lightning.rotate import rotation_of
+
+    teacher, batches = key_outlier_llama(), calib()
+    both = build_method("quarot_kvsmooth").transform(teacher, None, batches)
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(both(ids).logits, teacher(ids).logits, rtol=1e-4, atol=1e-4)
+    assert rotation_of(both)["r1"] and rotation_of(both)["r2"]
+    kv4 = QuantConfig(w_bits=16, a_bits=16, kv_bits=4)
+    err = {name: logits_mse(build_method(name).build(teacher, kv4, batches), teacher, batches)
+           for name in ("quarot", "kvsmooth", "quarot_kvsmooth")}
+    assert err["quarot_kvsmooth"] < 0.5 * err["quarot"], err
+    assert err["quarot_kvsmooth"] == pytest.approx(err["kvsmooth"], rel=0.2), err
+    with pytest.raises(ValueError, match="strength"):
+        build_method("quarot_kvsmooth", {"strength": 2.0})
+
+
 def test_a_new_method_is_one_registered_class(tmp_path):
     """Adding a post-training method: one dataclass registered in its module. It is then a config node
     (`methods.<name>.<param>` on the command line), an `evaluate.methods` entry and an `init=` choice."""

@@ -1,5 +1,6 @@
 """QuaRot (Ashkboos et al. 2024): rotate the FP model (`rotate/`), then quantize: RTN (`quarot`) or GPTQ
-(`quarot_gptq`). As `init=quarot` (alias `init=rotate`), QAT starts from the rotated teacher.
+(`quarot_gptq`), or RTN after rotation and flattened key channels (`quarot_kvsmooth`). As `init=quarot` (alias
+`init=rotate`), QAT starts from the rotated teacher.
 
 R1 + R2 are absorbed (a plain checkpoint: exports and llama.cpp run it); R3 / R4 are online rotations our
 own student and export run (docs/ROTATIONS.md says which engines can).
@@ -16,7 +17,7 @@ from qat_lightning.baselines.gptq import _check_options, gptq_weights, weights_p
 from qat_lightning.baselines.method import Method, register
 from qat_lightning.quant import as_quant_config
 
-__all__ = ["QuaRot", "QuaRotGPTQ"]
+__all__ = ["QuaRot", "QuaRotGPTQ", "QuaRotKVSmooth"]
 
 
 @register
@@ -73,3 +74,25 @@ class QuaRotGPTQ(QuaRot):
 
     def student_config(self, qcfg: Any) -> Any:
         return weights_prequantized_config(as_quant_config(qcfg))
+
+
+@register
+@dataclass
+class QuaRotKVSmooth(QuaRot):
+    """QuaRot's rotations, then flattened key channels (`kvsmooth`), then RTN. R1/R2 leave the keys (k_proj's
+    outputs) unchanged, so the key scales are kvsmooth's on the unrotated teacher; the two fix different
+    errors (weight/activation outliers vs the per-token 4-bit key cache) and compose exactly in FP."""
+
+    name: ClassVar[str] = "quarot_kvsmooth"
+    needs_calibration: ClassVar[bool] = True
+    strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1]; got {self.strength}")
+
+    def transform(self, model: nn.Module, qcfg: Any, calib_batches: list[dict] | None) -> nn.Module:
+        from qat_lightning.baselines.kv_smooth import kv_smooth_model
+
+        return kv_smooth_model(self.rotate(model), calib_batches, self.strength)
