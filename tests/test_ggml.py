@@ -281,6 +281,22 @@ def test_non_ggml_student_and_other_architectures_are_refused(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("online", ["r3", "r4"])
+def test_online_rotations_are_refused_and_r1_r2_export(tmp_path, online):
+    """R3/R4 are Hadamards in our forward that llama.cpp's graph lacks: a GGUF of such a student would
+    compute another function, so it is refused; R1+R2 (absorbed) exports as a plain, untied Llama."""
+    from qat_lightning.rotate import rotate_model
+
+    model = _tiny(tie=True)
+    bad = quantize_model(rotate_model(model, **{online: True}), _preset("q4_0"))
+    with pytest.raises(GGUFError, match="online rotations"):
+        export_gguf(bad, None, tmp_path / "bad.gguf", source_gguf=smollm2_gguf_path())
+    assert not list(tmp_path.iterdir())
+    good = quantize_model(rotate_model(model), _preset("q4_0"))
+    export_gguf(good, None, tmp_path / "good.gguf", source_gguf=smollm2_gguf_path())
+    assert "output.weight" in {t.name for t in GGUFReader(tmp_path / "good.gguf").tensors}
+
+
 def test_truncated_or_mismatched_gguf_is_refused(tied_export, tmp_path):
     model, _, path, _ = tied_export
     data = path.read_bytes()
