@@ -14,10 +14,9 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from qat_lightning.baselines.gptq import _check_options, gptq_weights, weights_prequantized_config
+from qat_lightning.baselines.gptq import _check_options, gptq_weights
 from qat_lightning.baselines.method import Method, register
-from qat_lightning.baselines.quarot import QuaRot
-from qat_lightning.quant import as_quant_config
+from qat_lightning.baselines.quarot import QuaRot, QuaRotGPTQ
 
 __all__ = ["SpinQuant", "SpinQuantGPTQ"]
 
@@ -73,5 +72,4 @@ class SpinQuantGPTQ(SpinQuant):
         rotated = super().transform(model, qcfg, calib_batches)
         return gptq_weights(rotated, qcfg, calib_batches, self.block_size, self.percdamp, self.act_order)
 
-    def student_config(self, qcfg: Any) -> Any:
-        return weights_prequantized_config(as_quant_config(qcfg))
+    student_config = QuaRotGPTQ.student_config  # GPTQ's weights are on the grid: no second rounding
