@@ -338,3 +338,89 @@ def test_the_cached_hadamard_matrix_built_under_inference_mode_still_trains():
     x = torch.randn(2, 64, requires_grad=True)
     (ggml.hadamard_rotate(x, 64) * torch.randn(2, 64)).sum().backward()
     assert x.grad is not None and not ggml.hadamard(64).is_inference()
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_learned_block_scales_start_at_the_formats_own_and_lower_the_block_error(qtype):
+    """LSQ on llama.cpp's blocks: the file stores any fp16 d, llama.cpp decodes fp16(d) * code, so a learned d
+    is still the format. It starts bit for bit at d = m / -8 (Q4_0) or max|x| / 127 (Q8_0), its gradient
+    lowers Q4_0's round-trip error, and gguf's own dequantizer reads the learned blocks as the forward computed."""
+    x = torch.randn(16, 128, generator=torch.Generator().manual_seed(3)) * 0.05
+    spec = _spec(qtype, learnable=True)
+    d = torch.nn.Parameter(ggml.ggml_scale(ggml.blocks_of(x), qtype))
+    assert torch.equal(fake_quantize(x, spec, scale=d), fake_quantize(x, _spec(qtype)))
+    err0 = (fake_quantize(x, _spec(qtype)) - x).pow(2).sum().item()
+    opt = torch.optim.Adam([d], lr=1e-3 * d.detach().abs().mean().item())  # Adam moves d by ~lr a step
+    for _ in range(200):
+        opt.zero_grad()
+        (fake_quantize(x, spec, scale=d) - x).pow(2).sum().backward()
+        opt.step()
+    y = fake_quantize(x, spec, scale=d).detach()
+    if qtype == "q4_0":  # the format's own d is not the error-optimal one (at 8 bits LSQ's gradient is noise)
+        assert (y - x).pow(2).sum().item() < 0.97 * err0
+    assert not torch.equal(y, fake_quantize(x, _spec(qtype)))
+    codes, d16 = ggml.quantize_blocks(x, qtype, d=d)
+    lo, hi = ggml.QRANGE[qtype]
+    assert codes.min() >= lo and codes.max() <= hi
+    raw = ggml.pack_blocks(codes, d16, qtype).numpy()
+    assert torch.equal(torch.from_numpy(quants.dequantize(raw, GT[qtype])).reshape(x.shape), y)
+
+
+def test_learned_scale_gradient_is_lsqs():
+    """d/dd of the sum of outputs is sum(q - x/d) inside the range and sum(q) where clipped, times 1/sqrt(32*qmax);
+    clipped values get no gradient."""
+    x = torch.linspace(-1, 1.2, 32)[None].requires_grad_()  # the extreme 1.2 sets d = -0.15; x/d reaches ~6.7
+    d = torch.nn.Parameter(torch.full((1, 1, 1), 0.1))  # a smaller |d| clips: x/d spans -10..12
+    fake_quantize(x, _spec("q4_0", learnable=True), scale=d).sum().backward()
+    t = x.detach() / 0.1
+    q = ggml.round_ratio(t.clone(), "q4_0")
+    inside = (t >= -8) & (t <= 7)
+    expect = torch.where(inside, q - t, q).sum() / (32 * 7) ** 0.5
+    torch.testing.assert_close(d.grad.reshape(()), expect)
+    assert torch.equal(x.grad, inside.float())
+
+
+def test_lsq_q4_0_preset_learns_the_decoder_scales_only_and_exports_them(tmp_path):
+    """quant=q4_0_kv4_lsq: decoder linears learn one d per block; the Q8_0 tied head/embedding keeps the
+    format's scale (llama.cpp holds it as one tensor). The GGUF holds the learned scales with the codes the
+    student rounded to: llama.cpp's dequantized tensors equal the student's weights exactly."""
+    cfg = _preset("q4_0_kv4_lsq")
+    assert cfg.lsq and cfg.weight_spec("model.layers.0.mlp.up_proj").learnable
+    assert not cfg.weight_spec("lm_head").learnable and not cfg.weight_spec("model.embed_tokens").learnable
+    student = quantize_model(_tiny(tie=True), cfg)
+    assert student.lm_head.weight is student.model.embed_tokens.weight and student.lm_head.weight_scale is None
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, m in iter_quant_linears(student):
+            if m.weight_scale is not None:
+                assert m.weight_scale.shape == (m.out_features, m.in_features // 32, 1)
+                m.weight_scale.mul_(0.7 + 0.4 * torch.rand(m.weight_scale.shape, generator=g))  # "learned"
+    stats = export_gguf(student, None, tmp_path / "lsq.gguf", source_gguf=smollm2_gguf_path())
+    assert stats["tensor_types"] == {"f32": 5, "q4_0": 14, "q8_0": 1}  # llama.cpp's Q4_0 file, as before
+    tensors = read_gguf_tensors(tmp_path / "lsq.gguf")
+    n_learned = 0
+    for name, module in iter_quant_linears(student):
+        if name == "lm_head":
+            continue
+        n_learned += module.weight_scale is not None
+        assert torch.equal(tensors[_gguf_name(name)], module.quantized_weight().detach()), name
+    assert n_learned == 14
+    fixed = quantize_model(_tiny(tie=True), _preset("q4_0_kv4"))
+    w = fixed.model.layers[0].mlp.up_proj.quantized_weight().detach()
+    assert not torch.equal(tensors["blk.0.ffn_up.weight"], w)  # the learned scales, not the format's own
+
+
+def test_scale_lr_gives_the_learned_scales_their_own_param_group():
+    from qat_lightning.distill.config import LossConfig, OptimConfig
+    from qat_lightning.distill.module import DistillationModule
+
+    model = _tiny(tie=True)
+    student = quantize_model(_tiny(tie=True), _preset("q4_0_kv4_lsq"))
+    module = DistillationModule(model, student, LossConfig(), OptimConfig(lr=2e-4, scale_lr=2e-5, scheduler="constant",
+                                                                      warmup_steps=0, implementation="loop"))
+    opt = module.configure_optimizers()
+    main, scales = opt.param_groups
+    assert (main["lr"], scales["lr"], scales["weight_decay"]) == (2e-4, 2e-5, 0.0)
+    assert len(scales["params"]) == 14 and all(p.dim() == 3 for p in scales["params"])
+    with pytest.raises(ValueError, match="scale_lr"):
+        OptimConfig(scale_lr=0.0)

@@ -252,3 +252,34 @@ def test_engine_baselines_refuse_a_kv_width_llamacpp_lacks(tmp_path):
     with pytest.raises(ConfigError, match="no KV cache type for kv_bits=6"):
         validate_config(compose(["+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), "quant.kv_bits=6",
                                  "evaluate.methods=[gguf_ptq]"]))
+
+
+def test_a_learned_scale_q4_0_run_scores_the_same_in_llamacpp_and_our_harness(tmp_path):
+    """quant=q4_0_kv4_lsq end to end: the trained block scales move off llama.cpp's d = m / -8, go into the
+    GGUF as they are, and llama.cpp (KV q4_0) computes the student's perplexity: a learned d is still Q4_0."""
+    shared_data_or_skip()
+    from conftest import compose, tiny_overrides
+    from qat_lightning.config import validate_config
+    from qat_lightning.distill.student_io import load_saved_student
+    from qat_lightning.quant import ggml, iter_quant_linears
+    from qat_lightning.results import load_results
+    from qat_lightning.stages import RunContext, run_stages
+
+    tiny_llama = ["model.tokenizer=smollm2", "model.vocab_size=49152", "model.hidden_size=128", "model.num_heads=2",
+                  "model.num_kv_heads=1", "model.intermediate_size=256"]
+    cfg = validate_config(compose([
+        "+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), *tiny_llama, "quant=q4_0_kv4_lsq", "logger=none",
+        "trainer.max_steps=3", "optim.lr=1e-3", "optim.scale_lr=1e-3", "stages=[generate,train,export,evaluate]",
+        "export.format=gguf", f"export.gguf_source={smollm2_gguf_path()}", "evaluate.methods=[qat,gguf]",
+        "evaluate.tasks=[wikitext2]", "evaluate.seq_len=64", "evaluate.max_windows=2"]))
+    run_stages(RunContext(cfg, tmp_path / "run"))
+    res = load_results(tmp_path / "run")
+    assert res["evaluate/gguf/wikitext2_ppl"] == pytest.approx(res["evaluate/qat/wikitext2_ppl"], rel=1e-2)
+    model = build_tiny_model(build_tiny_config(vocab_size=49152, hidden_size=128, intermediate_size=256,
+                                               num_heads=2, num_kv_heads=1))
+    student = load_saved_student(model, tmp_path / "run" / "student")
+    up = dict(iter_quant_linears(student))["model.layers.0.mlp.up_proj"]
+    own = ggml.ggml_scale(ggml.blocks_of(up.weight.detach()), "q4_0")
+    assert up.weight_scale.shape == own.shape and not torch.allclose(up.weight_scale, own, rtol=1e-3)
+    types = {t.tensor_type.name for t in GGUFReader(tmp_path / "run" / "export" / "model.gguf").tensors}
+    assert types == {"F32", "Q4_0", "Q8_0"}

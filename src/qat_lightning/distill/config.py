@@ -50,10 +50,15 @@ class OptimConfig:
     # default on CPU: 0.68 -> 0.10 s per AdamW.step on SmolLM2's shapes in a one-off 1-thread check),
     # "foreach", "loop", or "auto" (fused; foreach for sharded DTensor params and AMP)
     implementation: str = "auto"
+    # lr of learned (LSQ) weight scales, no weight decay; null: `lr`. Adam moves every parameter by about
+    # lr a step, so a scale (e.g. a Q4_0 block's d, ~5e-3) needs a smaller lr than the weights it scales
+    scale_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.scale_lr is not None and self.scale_lr <= 0:
+            raise ValueError(f"optim.scale_lr must be > 0 or null, got {self.scale_lr}")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.scheduler not in ("cosine", "constant"):

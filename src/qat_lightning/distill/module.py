@@ -127,7 +127,12 @@ class DistillationModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        params = [p for p in self.student.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
+        scales = [p for n, p in named if n.endswith("weight_scale")]  # LSQ steps: their own lr, no decay
+        params: list = [p for n, p in named if not n.endswith("weight_scale")]
+        if scales:
+            lr = cfg.lr if cfg.scale_lr is None else cfg.scale_lr
+            params = [{"params": params}, {"params": scales, "lr": lr, "weight_decay": 0.0}]
         impl = cfg.implementation
         if impl == "auto":
             # foreach where fused is not safe: FSDP2's DTensor shards, and AMP ("*-mixed"), whose grad clipping

@@ -37,7 +37,6 @@ import torch
 from torch import nn
 
 from qat_lightning.quant import ggml
-from qat_lightning.quant.modules import QuantLinear
 
 __all__ = ["GGUFError", "check_gguf", "export_gguf", "gguf_tensor_types", "read_gguf_tensor", "read_gguf_tensors"]
 
@@ -116,16 +115,25 @@ def _module_type(module: nn.Module, dtype: str) -> str:
             f"{type(module).__name__} weight spec {spec.bits}-bit {spec.estimator}/{spec.granularity} is not a "
             "llama.cpp format: train with quant=q4_0 (or q8_0), or export with export.format=native"
         )
-    if isinstance(module, QuantLinear) and module.weight_scale is not None:
-        raise GGUFError("export_gguf: learnable (LSQ) scales are not llama.cpp's; use the ggml estimator's own")
     return spec.ggml_type
 
 
-def _tensor_data(weight: torch.Tensor, qtype: str, n_rope_heads: int | None) -> np.ndarray:
-    """numpy data for GGUFWriter: uint8 block bytes (rows, row_bytes) or float (rows, cols); rows permuted for q/k."""
+def _learned_scale(module: nn.Module) -> torch.Tensor | None:
+    """The learned block scales (out, in/32, 1) of an LSQ ggml weight, None for the format's own ``d``."""
+    d = getattr(module, "weight_scale", None)
+    return None if d is None else d.detach().float().cpu()
+
+
+def _tensor_data(
+    weight: torch.Tensor, qtype: str, n_rope_heads: int | None, d: torch.Tensor | None = None
+) -> np.ndarray:
+    """numpy data for GGUFWriter: uint8 block bytes (rows, row_bytes) or float (rows, cols); rows permuted for q/k.
+
+    `d`: learned block scales (LSQ); the codes are then the ones the student's forward rounded to under them.
+    """
     w = weight.detach().float().cpu()  # (out, in)
     if qtype in ggml.GGML_TYPES:
-        codes, d16 = ggml.quantize_blocks(w, qtype)  # (out, in/32, 32), (out, in/32, 1): the student's own grid
+        codes, d16 = ggml.quantize_blocks(w, qtype, d=d)  # (out, in/32, 32), (out, in/32, 1): the student's own grid
         data = ggml.pack_blocks(codes, d16, qtype)  # (out, in/32 * block bytes)
     else:
         data = w.to(torch.float16 if qtype == "f16" else torch.float32)
@@ -146,12 +154,14 @@ def _iter_tensors(model: nn.Module, hp: dict, dtype: str) -> Iterator[tuple[str,
             module = layer.get_submodule(path)
             qtype = _module_type(module, dtype)
             n_rope = hp["n_head"] if gname == "attn_q" else hp["n_head_kv"] if gname == "attn_k" else None
-            yield f"blk.{i}.{gname}.weight", _tensor_data(module.weight, qtype, n_rope), qtype
+            d = _learned_scale(module) if qtype in ggml.GGML_TYPES else None
+            yield f"blk.{i}.{gname}.weight", _tensor_data(module.weight, qtype, n_rope, d), qtype
     yield "output_norm.weight", model.model.norm.weight.detach().float().cpu().numpy(), "f32"
     if not _is_tied(model):
         head = model.get_output_embeddings()
         qtype = _module_type(head, dtype)
-        yield "output.weight", _tensor_data(head.weight, qtype, None), qtype
+        d = _learned_scale(head) if qtype in ggml.GGML_TYPES else None
+        yield "output.weight", _tensor_data(head.weight, qtype, None, d), qtype
 
 
 def _file_type(counts: Counter) -> int:

@@ -145,11 +145,58 @@ class _GGMLFakeQuantizeSTE(torch.autograd.Function):
         return grad, None, None, None
 
 
+class _GGMLLearnedScale(torch.autograd.Function):
+    """llama.cpp's round trip under a learned block scale `d` (LSQ, Esser et al. 2020), in the same grid.
+
+    Why: the file stores any fp16 ``d`` with any codes in the type's range, and llama.cpp decodes
+    ``fp16(d) * code`` whatever chose them, so ``d = m / -8`` is only the quantizer's default. Forward is
+    exactly `_GGMLFakeQuantizeSTE` with a given ``d``; backward, with ``t = x / d`` and ``q`` the code:
+    ``d/dx = 1`` where ``qmin <= t <= qmax`` (else 0, clipped), ``d/dd = grad_scale * sum(q - t)`` over
+    the block inside the range and ``sum(q)`` outside (the fp16 rounding of ``d`` passes straight through).
+    """
+
+    @staticmethod
+    def forward(ctx, x, d, qtype, ste_mask, grad_scale):
+        xb = blocks_of(x.float())  # (..., nb, 32)
+        d32 = d.float()  # (..., nb, 1), a parameter
+        q = ggml_codes(xb, d32, qtype)
+        ctx.save_for_backward(x, d)
+        ctx.qtype, ctx.ste_mask, ctx.grad_scale = qtype, ste_mask, grad_scale
+        return (d32.to(torch.float16).float() * q).reshape(x.shape).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, d = ctx.saved_tensors
+        qmin, qmax = QRANGE[ctx.qtype]
+        xb, d32 = blocks_of(x.float()), d.float()
+        t = xb * torch.where(d32 == 0, torch.zeros_like(d32), 1 / d32)  # a zero block stays zero
+        q = round_ratio(t, ctx.qtype)
+        g = blocks_of(grad.float())
+        inside = (t >= qmin) & (t <= qmax)
+        grad_d = (torch.where(inside, q - t, q) * g).sum(dim=-1, keepdim=True) * ctx.grad_scale
+        keep = inside if ctx.ste_mask is None else inside & (xb.abs() < ctx.ste_mask)
+        grad_x = (g * keep).reshape(x.shape).to(x.dtype)
+        return grad_x, grad_d.to(d.dtype), None, None, None
+
+
 def fake_quantize_ggml(
-    x: torch.Tensor, qtype: str, ste_mask: float | None = None, d: torch.Tensor | None = None
+    x: torch.Tensor,
+    qtype: str,
+    ste_mask: float | None = None,
+    d: torch.Tensor | None = None,
+    learnable: bool = False,
 ) -> torch.Tensor:
-    """`x` (..., n) through llama.cpp's `qtype` round trip, in x's dtype and shape (computed in float32)."""
+    """`x` (..., n) through llama.cpp's `qtype` round trip, in x's dtype and shape (computed in float32).
+
+    `d` (float32 (..., nb, 1)) replaces the format's scale: a constant (calibrated, gradient STE), or with
+    `learnable` a learned step that receives the LSQ gradient (grad scale ``1/sqrt(32 * qmax)``, per block).
+    """
     _check_type(qtype)
+    if learnable:
+        if d is None:
+            raise ValueError("fake_quantize_ggml: learnable=True needs the learned scale d")
+        grad_scale = 1.0 / math.sqrt(QK * QRANGE[qtype][1])
+        return _GGMLLearnedScale.apply(x, d, qtype, ste_mask, grad_scale)
     return _GGMLFakeQuantizeSTE.apply(x, qtype, ste_mask, d)
 
 

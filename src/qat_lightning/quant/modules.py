@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat_lightning.quant import ggml
 from qat_lightning.quant.primitives import compute_scale_zero, fake_quantize
 from qat_lightning.quant.spec import DISABLED_BITS, QuantSpec
 
@@ -68,7 +69,15 @@ class QuantLinear(nn.Linear):
             raise ValueError("learnable (LSQ) scales are only supported for weights")
 
     def _minmax_scale(self) -> torch.Tensor:
-        """MinMax step of the current weight: the LSQ initialisation (before any sharding)."""
+        """MinMax step of the current weight: the LSQ initialisation (before any sharding).
+
+        For llama.cpp's blocks it is the format's own float32 ``d`` (out, in/32, 1), so the student starts
+        bit for bit where the fixed-scale quantizer is.
+        """
+        if self.weight_spec.ggml_type is not None:
+            with torch.no_grad():
+                xb = ggml.blocks_of(self.weight.detach().float())
+                return ggml.ggml_scale(xb, self.weight_spec.ggml_type).to(self.weight.dtype)
         scale, _ = compute_scale_zero(self.weight.detach(), self.weight_spec)
         return scale.reshape(self.out_features, 1) if self.weight_spec.granularity == "channel" else scale
 

@@ -37,7 +37,7 @@ ESTIMATORS = ("minmax", "clip", "seq", "ggml")
 GGML_BLOCK = 32  # llama.cpp's QK4_0 / QK8_0
 GGML_BITS = {4: "q4_0", 8: "q8_0"}
 DISABLED_BITS = 16  # any bit width >= 16 means "keep full precision"
-_OVERRIDE_KEYS = {"pattern", "w_bits", "a_bits", "kv_bits", "skip"}
+_OVERRIDE_KEYS = {"pattern", "w_bits", "a_bits", "kv_bits", "skip", "lsq"}
 
 
 def _check_bits(bits: Any, what: str) -> None:
@@ -68,7 +68,8 @@ class QuantSpec:
             fp16 scales, the exact rounding of ggml-quants.c (see `quant/ggml.py`).
         clip_percentile: quantile in (0, 1] used by the "clip" estimator.
         ste_mask: zero gradients where |x| >= ste_mask (the reference uses 2.0); None is a plain STE.
-        learnable: LSQ learnable scale (weights only, symmetric, per channel); initialised from MinMax.
+        learnable: LSQ learnable scale (weights only, symmetric, per channel; with "ggml" one per block of
+            32, initialised from the format's own ``d``, which a GGUF stores whatever chose it).
         rope_head_dim: with "ggml", the blocks run over llama.cpp's order of each head's dims (heads of this
             size, their two RoPE halves interleaved: the converter's q/k row permutation). Keys only: it
             makes a block of 32 of an HF key the block llama.cpp stores in its cache.
@@ -106,14 +107,19 @@ class QuantSpec:
             raise ValueError(f"ste_mask must be positive or None, got {self.ste_mask}")
         if self.learnable and not self.symmetric:
             raise ValueError("learnable (LSQ) scales need symmetric=True")
-        if self.learnable and self.granularity not in ("channel", "tensor"):
+        if self.learnable and self.estimator != "ggml" and self.granularity not in ("channel", "tensor"):
             raise ValueError(f"learnable (LSQ) scales need granularity 'channel' or 'tensor', got {self.granularity!r}")
         if self.estimator == "seq" and self.enabled and (self.bits != 2 or not self.symmetric):
             raise ValueError(
                 f"estimator 'seq' is the 2-bit symmetric quantizer; got bits={self.bits}, symmetric={self.symmetric}"
             )
-        if self.learnable and self.estimator != "minmax":
-            raise ValueError("learnable (LSQ) scales are initialised from MinMax; use estimator='minmax'")
+        if self.learnable and self.estimator not in ("minmax", "ggml"):
+            raise ValueError(
+                "learnable (LSQ) scales are initialised from MinMax (or llama.cpp's block scale); "
+                "use estimator 'minmax' or 'ggml'"
+            )
+        if self.learnable and (self.rope_head_dim is not None or self.hadamard is not None):
+            raise ValueError("learnable (LSQ) scales are for weights, not the KV cache's rope_head_dim/hadamard")
         if self.estimator == "ggml" and self.enabled:
             if self.bits not in GGML_BITS:
                 raise ValueError(f"estimator 'ggml' is Q4_0 (bits=4) or Q8_0 (bits=8), not bits={self.bits}")
@@ -181,7 +187,8 @@ class QuantConfig:
     Only OmegaConf-friendly field types so the dataclass doubles as a structured-config schema.
     `overrides` is a list of dicts applied in order to modules whose name matches `pattern`
     (`re.search` on the full module name, e.g. ``model.layers.0.mlp.down_proj``); later ones win:
-    ``{"pattern": "down_proj", "w_bits": 8}`` or ``{"pattern": r"layers\\.0\\.", "skip": True}``.
+    ``{"pattern": "down_proj", "w_bits": 8}`` or ``{"pattern": r"layers\\.0\\.", "skip": True}``;
+    ``{"pattern": "^lm_head$", "lsq": False}`` keeps a module's weight scale the quantizer's own under `lsq`.
     """
 
     w_bits: int = 4
@@ -254,11 +261,13 @@ class QuantConfig:
         for key in ("w_bits", "a_bits", "kv_bits"):
             if override.get(key) is not None:
                 _check_bits(override[key], f"overrides[{i}].{key}")
+        if override.get("lsq") is not None and not isinstance(override["lsq"], bool):
+            raise ValueError(f"overrides[{i}].lsq must be true or false, got {override['lsq']!r}")
         return override
 
     def _resolve(self, name: str) -> dict:
         """Bits and skip flag for module `name` after applying matching overrides in order."""
-        out = {"w_bits": self.w_bits, "a_bits": self.a_bits, "kv_bits": self.kv_bits, "skip": False}
+        out = {"w_bits": self.w_bits, "a_bits": self.a_bits, "kv_bits": self.kv_bits, "skip": False, "lsq": self.lsq}
         for o in self.overrides:
             if re.search(o["pattern"], name):
                 out.update({k: v for k, v in o.items() if k != "pattern" and v is not None})
@@ -283,7 +292,7 @@ class QuantConfig:
             estimator=estimator,
             clip_percentile=self.clip_percentile,
             ste_mask=self.ste_mask,
-            learnable=self.lsq,
+            learnable=bool(r["lsq"]),
         )
 
     def act_spec(self, name: str) -> QuantSpec:
