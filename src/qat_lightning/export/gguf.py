@@ -129,7 +129,8 @@ def _tensor_data(
 ) -> np.ndarray:
     """numpy data for GGUFWriter: uint8 block bytes (rows, row_bytes) or float (rows, cols); rows permuted for q/k.
 
-    `d`: learned block scales (LSQ); the codes are then the ones the student's forward rounded to under them.
+    `d`: learned block scales (LSQ) of a ggml type; the codes are then the ones the student's forward rounded to
+    under them. Float types ignore it.
     """
     w = weight.detach().float().cpu()  # (out, in)
     if qtype in ggml.GGML_TYPES:
@@ -154,14 +155,12 @@ def _iter_tensors(model: nn.Module, hp: dict, dtype: str) -> Iterator[tuple[str,
             module = layer.get_submodule(path)
             qtype = _module_type(module, dtype)
             n_rope = hp["n_head"] if gname == "attn_q" else hp["n_head_kv"] if gname == "attn_k" else None
-            d = _learned_scale(module) if qtype in ggml.GGML_TYPES else None
-            yield f"blk.{i}.{gname}.weight", _tensor_data(module.weight, qtype, n_rope, d), qtype
+            yield f"blk.{i}.{gname}.weight", _tensor_data(module.weight, qtype, n_rope, _learned_scale(module)), qtype
     yield "output_norm.weight", model.model.norm.weight.detach().float().cpu().numpy(), "f32"
     if not _is_tied(model):
         head = model.get_output_embeddings()
         qtype = _module_type(head, dtype)
-        d = _learned_scale(head) if qtype in ggml.GGML_TYPES else None
-        yield "output.weight", _tensor_data(head.weight, qtype, None, d), qtype
+        yield "output.weight", _tensor_data(head.weight, qtype, None, _learned_scale(head)), qtype
 
 
 def _file_type(counts: Counter) -> int:
