@@ -254,6 +254,7 @@ def test_engine_baselines_refuse_a_kv_width_llamacpp_lacks(tmp_path):
                                  "evaluate.methods=[gguf_ptq]"]))
 
 
+@pytest.mark.slow  # ~50 s: a whole LSQ Q4_0 run; the preset's unit test (test_ggml.py) stays in `make test`
 def test_a_learned_scale_q4_0_run_scores_the_same_in_llamacpp_and_our_harness(tmp_path):
     """quant=q4_0_kv4_lsq end to end: the trained block scales move off llama.cpp's d = m / -8, go into the
     GGUF as they are, and llama.cpp (KV q4_0) computes the student's perplexity: a learned d is still Q4_0."""

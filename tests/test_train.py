@@ -126,7 +126,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+# DDP also runs in make test through the multirun sweep test below; its own run is a slow one
+@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
 def test_two_process_training_on_cpu(strategy, tmp_path):
     run_dir = tmp_path / "run"
     args = ["+exp=tiny_w4a8kv4", f"hydra.run.dir={run_dir}", f"strategy={strategy}", "trainer.devices=2",
