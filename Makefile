@@ -9,7 +9,10 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 # llama-cpp-python compiles llama.cpp at install (~6 min on 2 cores, cached afterwards); ENGINE=0 skips it
 ENGINE ?= 1
-ENGINE_CMAKE_ARGS ?= -DGGML_NATIVE=ON
+# without AMX: ggml's AMX kernels (Q4_0/Q8_0 matmul) segfault on some AMX machines, this sandbox included
+# (llama.cpp#20824); -mno-amx-* also wins over -march=native. CMAKE_ARGS is shlex-split by scikit-build-core.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+ENGINE_CMAKE_ARGS ?= -DGGML_NATIVE=ON '-DCMAKE_C_FLAGS=$(NO_AMX)' '-DCMAKE_CXX_FLAGS=$(NO_AMX)'
 # evaluation data (WikiText-2, HellaSwag) for tests, demo and benchmarks, when the shared folder is there
 SHARED_DATA := $(abspath ../shared/data)
 export QAT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/wikitext2/wiki.test.raw),$(SHARED_DATA),)
