@@ -30,6 +30,8 @@ from conftest import CONF_DIR, shared_data_or_skip  # noqa: E402
 from qat_lightning.eval.config import EvalConfig  # noqa: E402
 from qat_lightning.export.gguf import GGUFError, export_gguf  # noqa: E402
 from qat_lightning.export.llamacpp import (  # noqa: E402
+    EngineUnavailable,
+    engine_has_amx,
     kv_cache_bytes,
     kv_type_of,
     llamacpp_logits,
@@ -82,6 +84,26 @@ def tiny_files(tmp_path_factory):
     export_gguf(student, None, root / "q4_0.gguf", source_gguf=smollm2_gguf_path())
     export_gguf(model, None, root / "f16.gguf", source_gguf=smollm2_gguf_path(), dtype="f16")
     return model, root
+
+
+def test_the_installed_engine_has_no_amx_kernels():
+    """`make install` rebuilds an AMX wheel found in pip's cache; an AMX build segfaults below on AMX CPUs."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    assert "AMX_INT8 = 1" not in info, f"llama.cpp was built with AMX (rerun make install): {info}"
+    assert not engine_has_amx()
+
+
+def test_an_amx_build_is_refused_with_a_clear_error_instead_of_a_segfault(tiny_files, monkeypatch):
+    import llama_cpp
+
+    _, root = tiny_files
+    real = llama_cpp.llama_print_system_info()
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: real.rstrip(b"| ") + b" | AMX_INT8 = 1 | ")
+    monkeypatch.delenv("QAT_LLAMACPP_ALLOW_AMX", raising=False)
+    with pytest.raises(EngineUnavailable, match=r"built with AMX kernels.*llama.cpp#20824.*-mno-amx-int8"):
+        load_gguf(root / "f16.gguf", n_ctx=128)
 
 
 @pytest.mark.parametrize("kv", ["f16", "q8_0", "q4_0"])

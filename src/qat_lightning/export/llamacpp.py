@@ -28,6 +28,7 @@ from qat_lightning.export.gguf import check_gguf
 __all__ = [
     "KV_TYPES",
     "EngineUnavailable",
+    "engine_has_amx",
     "engine_ptq",
     "engine_types",
     "how_to_run",
@@ -45,11 +46,14 @@ __all__ = [
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
 KV_TYPE_OF_BITS = {16: "f16", 8: "q8_0", 4: "q4_0"}  # llama.cpp's KV cache types by width (>= 16: f16)
-INSTALL = "CMAKE_ARGS='-DGGML_NATIVE=ON' pip install llama-cpp-python==0.3.36  (or: pip install -e '.[engine]')"
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+INSTALL = (f"CMAKE_ARGS=\"-DGGML_NATIVE=ON '-DCMAKE_C_FLAGS={NO_AMX}' '-DCMAKE_CXX_FLAGS={NO_AMX}'\" "
+           "pip install --no-cache-dir llama-cpp-python==0.3.36  (or: make install)")
+ALLOW_AMX = "QAT_LLAMACPP_ALLOW_AMX"  # =1: load GGUFs in an AMX build anyway (where its kernels do not crash)
 
 
 class EngineUnavailable(ImportError):
-    """llama-cpp-python is not installed."""
+    """llama-cpp-python is not installed, or its build cannot run our files (AMX, see `engine_has_amx`)."""
 
 
 def llamacpp_available() -> bool:
@@ -66,6 +70,24 @@ def _llama_cpp():
     except ImportError as err:
         raise EngineUnavailable(f"llama.cpp's Python bindings are not installed: {INSTALL}") from err
     return llama_cpp
+
+
+def engine_has_amx() -> bool:
+    """Whether the installed llama.cpp was compiled with ggml's AMX kernels (its system info: AMX_INT8 = 1).
+
+    Why: those kernels segfault on every Q4_0/Q8_0 file at the first decode on some AMX machines
+    (llama.cpp#20824; a native build on this project's sandboxes), which kills the Python process with no
+    message. A pip wheel cached from such a build is reused silently, so the build is checked, not trusted.
+    """
+    return "AMX_INT8 = 1" in _llama_cpp().llama_print_system_info().decode(errors="replace")
+
+
+def _refuse_amx_build() -> None:
+    if engine_has_amx() and os.environ.get(ALLOW_AMX) != "1":
+        raise EngineUnavailable(
+            "the installed llama.cpp was built with AMX kernels, which segfault on Q4_0/Q8_0 files on some "
+            f"machines (llama.cpp#20824): rebuild it without them: {INSTALL}; or set {ALLOW_AMX}=1 to load anyway"
+        )
 
 
 def _ggml_type(name: str) -> int:
@@ -102,6 +124,7 @@ def load_gguf(
     if kv_type not in KV_TYPES:
         raise ValueError(f"kv_type must be one of {KV_TYPES}, got {kv_type!r}")
     check_gguf(path, model)
+    _refuse_amx_build()
     fa = kv_type != "f16" if flash_attn is None else flash_attn
     return lc.Llama(
         str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
