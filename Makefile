@@ -29,10 +29,10 @@ $(STAMP): pyproject.toml
 	@# llama.cpp (the GGUF engine): built from source once, then from pip's wheel cache; ENGINE=0 skips it
 	if [ "$(ENGINE)" != 0 ]; then CMAKE_ARGS="$(ENGINE_CMAKE_ARGS)" $(PY) -m pip install -q -e '.[engine]'; fi
 	@# a wheel cached from an AMX build (before the flags above) is reused silently: rebuild it without pip's cache
-	if [ "$(ENGINE)" != 0 ] && $(PY) -c "import sys, llama_cpp; sys.exit('AMX_INT8 = 1' not in llama_cpp.llama_print_system_info().decode())"; then \
+	if [ "$(ENGINE)" != 0 ] && $(PY) -c "import sys; from qat_lightning.export.llamacpp import engine_has_amx; sys.exit(not engine_has_amx())"; then \
 	  echo "llama.cpp came from a wheel built with AMX: rebuilding it without (~6 min)"; \
 	  CMAKE_ARGS="$(ENGINE_CMAKE_ARGS)" $(PY) -m pip install -q --force-reinstall --no-deps --no-cache-dir "$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"; \
-	  $(PY) -c "import sys, llama_cpp; sys.exit('llama.cpp still has AMX' if 'AMX_INT8 = 1' in llama_cpp.llama_print_system_info().decode() else 0)"; fi
+	  $(PY) -c "import sys; from qat_lightning.export.llamacpp import engine_has_amx; sys.exit('llama.cpp still has AMX' if engine_has_amx() else 0)"; fi
 	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH_VERSION)') else f'torch was changed to {v}')"
 	touch $(STAMP)
 
