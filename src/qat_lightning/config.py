@@ -54,7 +54,7 @@ class PathsConfig:
 class RunConfig:
     name: str = "smollm2_w4a8kv4"
     stages: list[str] = field(default_factory=lambda: ["generate", "train", "evaluate"])
-    seed: int = 42
+    seed: int = 0  # the run's randomness: the training order (data.shuffle_seed) and a tiny model's init
     ckpt_path: str | None = None  # "last" resumes from <run dir>/checkpoints/last.ckpt
     student_path: str | None = None  # a saved student (for evaluate/export without train)
     # the FP weights QAT starts from: "teacher", or any post-training method's transform (`methods.<name>`)
@@ -86,6 +86,8 @@ class RunConfig:
             raise ValueError(f"unknown stage(s) {bad}; valid stages: {', '.join(STAGES)}")
         if self.calib_batches < 1:
             raise ValueError(f"calib_batches must be >= 1, got {self.calib_batches}")
+        if self.data.shuffle_seed is None:  # as conf's `data.shuffle_seed: ${seed}`: the run's seed orders the data
+            self.data = dataclasses.replace(self.data, shuffle_seed=self.seed)
 
     def method(self, name: str):
         """The configured `Method` object called `name` (or an alias of `INIT_ALIASES`)."""

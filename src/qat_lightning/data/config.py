@@ -97,6 +97,10 @@ class DataConfig:
     `cross_doc_boundaries=True` packs documents end to end with EOS separators (no padding, every token
     trains); False gives each document its own block(s), padded with attention_mask 0. `mix_ratio` is
     the fraction of real-text tokens in `mixed` mode (the paper's generated-vs-real ablation).
+
+    Two seeds, because they answer different questions: `seed` picks the held-out documents (part of what
+    the data *is*, so KL on it stays comparable across training seeds), `shuffle_seed` the training order
+    (part of the run's randomness: `conf/data/*.yaml` set it to the run's `${seed}`); None = `seed`.
     """
 
     source: str = "generated"
@@ -113,6 +117,7 @@ class DataConfig:
     text_offset_tokens: int = 0  # skip the leading documents holding this many tokens (e.g. evaluated windows)
     num_workers: int = 0
     seed: int = 0
+    shuffle_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

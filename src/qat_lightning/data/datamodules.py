@@ -204,6 +204,11 @@ class _BlockDataModule(L.LightningDataModule):
         log.info("%s: %s", type(self).__name__, self.stats())
 
     @property
+    def shuffle_seed(self) -> int:
+        """The training order's seed: `data.shuffle_seed` (the run's seed in conf), else `data.seed`."""
+        return self.cfg.seed if self.cfg.shuffle_seed is None else self.cfg.shuffle_seed
+
+    @property
     def num_train_blocks(self) -> int:
         return len(self.train_dataset) if self.train_dataset is not None else 0
 
@@ -231,7 +236,7 @@ class _BlockDataModule(L.LightningDataModule):
             self.train_dataset,
             batch_size=self.cfg.batch_size,
             # seeded per epoch so a resumed run sees the same order; Lightning splits it across ranks
-            sampler=EpochShuffleSampler(len(self.train_dataset), self.cfg.seed),
+            sampler=EpochShuffleSampler(len(self.train_dataset), self.shuffle_seed),
             drop_last=True,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
