@@ -100,7 +100,8 @@ class DataConfig:
 
     Two seeds, because they answer different questions: `seed` picks the held-out documents (part of what
     the data *is*, so KL on it stays comparable across training seeds), `shuffle_seed` the training order
-    (part of the run's randomness: `conf/data/*.yaml` set it to the run's `${seed}`); None = `seed`.
+    (part of the run's randomness: conf sets it to the run's `${seed}`, and `RunConfig` fills a None with
+    its `seed` the same way); a DataConfig used on its own with None orders by `seed`.
     """
 
     source: str = "generated"
