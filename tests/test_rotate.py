@@ -283,6 +283,36 @@ def test_the_seed_changes_what_rtn_sees():
     assert all(e0[k] != e1[k] for k in ("weight/q_proj", "weight/down_proj", "act/q_proj", "act/down_proj"))
 
 
+GGML_KV = dict(w_bits=16, a_bits=16, kv_bits=4, estimator="ggml", kv_granularity="group", kv_group_size=32,
+               kv_placement="post_rope")
+
+
+def test_r2_is_flagged_where_the_llamacpp_cache_would_undo_it(caplog):
+    """llama.cpp rotates a quantized value cache by the Walsh-Hadamard H (`quant.kv_hadamard`); our R2 is
+    diag(s)·H, so the cache would store ``v·diag(s)``: R2 hands it the unrotated values (measured on SmolLM2:
+    docs/ROTATIONS.md). Flagged exactly there: head dim 64, the cache's rotation on, R2 a Hadamard."""
+    from qat_lightning.baselines import build_method
+    from qat_lightning.baselines.quarot import r2_undoes_the_cache_rotation
+    from qat_lightning.quant.ggml import hadamard_rotate
+
+    hd64 = build_tiny_model(build_tiny_config(hidden_size=128, num_heads=2, num_kv_heads=1))  # head_dim 64
+    assert r2_undoes_the_cache_rotation(hd64, GGML_KV)
+    q2 = rotation_matrix(64, "hadamard", seed=3)
+    signs = q2[:, 0] * 8.0  # diag(s)·H/8 with H's first column all ones
+    assert torch.allclose(hadamard_rotate(q2.float(), 64), torch.diag(signs).float(), atol=1e-6)
+    assert not r2_undoes_the_cache_rotation(hd64, {**GGML_KV, "kv_hadamard": False})
+    assert not r2_undoes_the_cache_rotation(hd64, {**GGML_KV, "kv_bits": 16})  # an f16 cache is not rotated
+    assert not r2_undoes_the_cache_rotation(hd64, GGML_KV, kind="random")
+    assert not r2_undoes_the_cache_rotation(build_tiny_model(build_tiny_config()), GGML_KV)  # head_dim 16: no rotation
+    with caplog.at_level("WARNING", logger="qat_lightning.baselines.quarot"):
+        build_method("quarot", {"r1": False}).transform(hd64, GGML_KV, None)
+    assert "R2 cancels" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qat_lightning.baselines.quarot"):
+        build_method("quarot", {"r1": False, "r2": False, "r4": True}).transform(hd64, GGML_KV, None)
+    assert "R2 cancels" not in caplog.text
+
+
 # ---- SmolLM2-135M -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2():

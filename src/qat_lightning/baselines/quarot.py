@@ -8,6 +8,7 @@ own student and export run (docs/ROTATIONS.md says which engines can).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,7 +18,27 @@ from qat_lightning.baselines.gptq import _check_options, gptq_weights, weights_p
 from qat_lightning.baselines.method import Method, register
 from qat_lightning.quant import as_quant_config
 
-__all__ = ["QuaRot", "QuaRotGPTQ", "QuaRotKVSmooth"]
+__all__ = ["QuaRot", "QuaRotGPTQ", "QuaRotKVSmooth", "r2_undoes_the_cache_rotation"]
+
+log = logging.getLogger(__name__)
+
+
+def r2_undoes_the_cache_rotation(model: nn.Module, qcfg: Any, kind: str = "hadamard", seed: int = 0) -> bool:
+    """True when R2 hands the value cache back unrotated: llama.cpp multiplies a quantized value cache by the
+    Walsh-Hadamard H (`attn_rot_v`, emulated by `quant.kv_hadamard`), and our R2 is diag(s)·H, so the cache
+    stores ``v·diag(s)·H·H = v·diag(s)``, sign flips of the unrotated values (docs/ROTATIONS.md)."""
+    from qat_lightning.models.adapter import adapter_for
+    from qat_lightning.quant.ggml import hadamard_rotate
+    from qat_lightning.rotate.hadamard import rotation_matrix
+
+    ad = adapter_for(model)
+    name = next(n for n, _ in ad.decoder_linears(model) if n.endswith("v_proj"))
+    spec = as_quant_config(qcfg).kv_spec(name, ad.head_dim)
+    if not spec.enabled or not spec.hadamard:
+        return False
+    q2 = rotation_matrix(ad.head_dim, kind, seed)  # (hd, hd); any draw: the signs do not change the structure
+    cached = hadamard_rotate(q2, spec.hadamard)  # (hd, hd): R2, then the cache's rotation
+    return bool(((cached.abs() > 1e-6).sum(-1) == 1).all())
 
 
 @register
@@ -39,13 +60,18 @@ class QuaRot(Method):
 
         check_kind(self.kind)
 
-    def rotate(self, model: nn.Module) -> nn.Module:
+    def rotate(self, model: nn.Module, qcfg: Any = None) -> nn.Module:
         from qat_lightning.rotate import rotate_model
+
+        if self.r2 and qcfg is not None and r2_undoes_the_cache_rotation(model, qcfg, self.kind, self.seed):
+            log.warning("%s: R2 cancels the quantized KV cache's own Hadamard rotation of the values (llama.cpp's "
+                        "attn_rot_v, quant.kv_hadamard): the cache stores them unrotated. Set methods.%s.r2=false "
+                        "(the cache already rotates them) or quant.kv_hadamard=false.", self.name, self.name)
 
         return rotate_model(model, r1=self.r1, r2=self.r2, r3=self.r3, r4=self.r4, seed=self.seed, kind=self.kind)
 
     def transform(self, model: nn.Module, qcfg: Any, calib_batches: list[dict] | None) -> nn.Module:
-        return self.rotate(model)
+        return self.rotate(model, qcfg)
 
     def finish_student(self, student: nn.Module) -> nn.Module:
         from qat_lightning.rotate import attach_online_rotations
@@ -70,7 +96,8 @@ class QuaRotGPTQ(QuaRot):
         _check_options(self.block_size, self.percdamp)
 
     def transform(self, model: nn.Module, qcfg: Any, calib_batches: list[dict] | None) -> nn.Module:
-        return gptq_weights(self.rotate(model), qcfg, calib_batches, self.block_size, self.percdamp, self.act_order)
+        rotated = self.rotate(model, qcfg)
+        return gptq_weights(rotated, qcfg, calib_batches, self.block_size, self.percdamp, self.act_order)
 
     def student_config(self, qcfg: Any) -> Any:
         return weights_prequantized_config(as_quant_config(qcfg))
@@ -95,4 +122,4 @@ class QuaRotKVSmooth(QuaRot):
     def transform(self, model: nn.Module, qcfg: Any, calib_batches: list[dict] | None) -> nn.Module:
         from qat_lightning.baselines.kv_smooth import kv_smooth_model
 
-        return kv_smooth_model(self.rotate(model), calib_batches, self.strength)
+        return kv_smooth_model(self.rotate(model, qcfg), calib_batches, self.strength)
