@@ -1,6 +1,9 @@
-"""Models the benchmarks share: the embedded SmolLM2-135M, or a small random Llama for quick checks."""
+"""What the benchmarks share: the embedded SmolLM2-135M or a small random Llama, and writing results."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from torch import nn
 
@@ -15,3 +18,10 @@ def load_bench_model(name: str) -> nn.Module:
         model, _ = load_model({"source": "tiny", "hidden_size": 128, "intermediate_size": 352, "num_layers": 4,
                                "num_heads": 4, "num_kv_heads": 2, "vocab_size": 512})
     return model.float()
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write `obj` as JSON under a temporary name, then rename: a killed run leaves no half-written result."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.rename(path)

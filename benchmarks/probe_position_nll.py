@@ -13,7 +13,6 @@ at the training context).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import write_json
 
 from qat_lightning.eval import corpus_ids
 from qat_lightning.export.llamacpp import llamacpp_logits, load_gguf
@@ -76,9 +76,7 @@ def main() -> int:
             print(f"{Path(f).parent.parent.name}/{Path(f).name} KV {kv}: "
                   + "  ".join(f"{k} {v:.2f}" for k, v in row["ppl"].items()), flush=True)
     if args.json:
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.rename(args.json)
+        write_json(args.json, rows)
     return 0
 
 

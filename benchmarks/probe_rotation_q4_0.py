@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import write_json
 
 from qat_lightning.eval import corpus_ids
 from qat_lightning.eval.perplexity import perplexity
@@ -88,9 +89,7 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.json:
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.rename(args.json)
+        write_json(args.json, rows)
     return 0
 
 
