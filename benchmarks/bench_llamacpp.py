@@ -23,7 +23,6 @@ q8_0 / q4_0; with --harness also our PyTorch fake-quant student's perplexity for
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import statistics
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import KV_BITS, q4_0_config
 
 from qat_lightning.eval import corpus_ids
 from qat_lightning.eval.perplexity import perplexity, token_nll
@@ -47,25 +47,13 @@ from qat_lightning.export.llamacpp import (
 )
 from qat_lightning.models import load_model
 from qat_lightning.models.smollm2 import smollm2_gguf_path
-from qat_lightning.quant import QuantConfig, quantize_model
+from qat_lightning.quant import quantize_model
 
-KV_BITS = {"f16": 16, "q8_0": 8, "q4_0": 4}
 SPEED_ROWS = [  # (row, file, KV type); "ours": our RTN student's GGUF (same tensor types as llama.cpp's Q4_0)
     ("F16", "f16", "f16"), ("Q8_0", "q8_0", "f16"), ("Q4_0", "q4_0", "f16"), ("Q4_0 ours", "rtn_q4_0", "f16"),
     ("Q4_0 + q4_0 KV", "q4_0", "q4_0"), ("Q4_0 ours + q4_0 KV", "rtn_q4_0", "q4_0"),
 ]
 
-
-def q4_0_config(kv: str) -> QuantConfig:
-    """quant=q4_0 (conf/quant/q4_0.yaml) with the KV cache of `kv`."""
-    from hydra import compose, initialize_config_dir
-
-    conf = Path(__file__).resolve().parents[1] / "src" / "qat_lightning" / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="quant/q4_0")  # the group file alone: its defaults chain, nothing else
-    from qat_lightning.quant import as_quant_config
-
-    return dataclasses.replace(as_quant_config(cfg.quant), kv_bits=KV_BITS[kv])
 
 
 def build_files(work: Path, teacher: torch.nn.Module, tokenizer, student_gguf: str | None) -> dict[str, Path]:

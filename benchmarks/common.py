@@ -1,13 +1,18 @@
-"""What the benchmarks share: the embedded SmolLM2-135M or a small random Llama, and writing results."""
+"""What the benchmarks share: the embedded SmolLM2-135M or a small random Llama, the llama.cpp Q4_0 preset,
+and writing results."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from torch import nn
 
 from qat_lightning.models import load_model
+from qat_lightning.quant import QuantConfig, as_quant_config
+
+KV_BITS = {"f16": 16, "q8_0": 8, "q4_0": 4}  # llama.cpp's KV cache types
 
 
 def load_bench_model(name: str) -> nn.Module:
@@ -25,3 +30,13 @@ def write_json(path: str | Path, obj) -> None:
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     tmp.rename(path)
+
+
+def q4_0_config(kv: str) -> QuantConfig:
+    """quant=q4_0 (conf/quant/q4_0.yaml) with the KV cache of `kv`."""
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[1] / "src" / "qat_lightning" / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="quant/q4_0")  # the group file alone: its defaults chain, nothing else
+    return dataclasses.replace(as_quant_config(cfg.quant), kv_bits=KV_BITS[kv])

@@ -22,31 +22,20 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
-from common import write_json
+from common import KV_BITS, q4_0_config, write_json
 
 from qat_lightning.eval import corpus_ids
 from qat_lightning.eval.perplexity import perplexity
 from qat_lightning.models import load_model
-from qat_lightning.quant import QuantConfig, as_quant_config, quantize_model
+from qat_lightning.quant import quantize_model
 from qat_lightning.rotate import rotate_model
 from qat_lightning.rotate.absorb import fold_norms
 from qat_lightning.rotate.metrics import quantization_error
 
-KV_BITS = {"f16": 16, "q8_0": 8, "q4_0": 4}
 VARIANTS = ("none", "fold", "r1", "r2", "r1r2")
 
-
-def q4_0_config(kv: str) -> QuantConfig:
-    """quant=q4_0 (conf/quant/q4_0.yaml) with the KV cache of `kv`."""
-    from hydra import compose, initialize_config_dir
-
-    conf = Path(__file__).resolve().parents[1] / "src" / "qat_lightning" / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="quant/q4_0")
-    return dataclasses.replace(as_quant_config(cfg.quant), kv_bits=KV_BITS[kv])
 
 
 def transformed(teacher: torch.nn.Module, variant: str, seed: int) -> torch.nn.Module:
