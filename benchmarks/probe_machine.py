@@ -1,6 +1,6 @@
 """Does a long QAT job fit in this session? This machine's speed at what our long runs spend their time on.
 
-Sessions land on different machines, and the same command has taken 7 s a step on one and over 45 s on another
+Sessions land on different machines, and the same training step has taken 7 s on one and 20 s on another
 (docs/BENCHMARKS.md, "Machines"). Measured here, one process, the threads given:
 
 * fp32 GEMM GFLOP/s at a SmolLM2 MLP shape (512 tokens x 576 -> 1536), with 1 thread and with `--threads`;
@@ -93,7 +93,8 @@ def main() -> None:
     torch.manual_seed(0)
     res: dict = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__}
     res["gemm_gflops_1_thread"] = gemm_gflops(1)
-    res[f"gemm_gflops_{args.threads}_threads"] = gemm_gflops(args.threads)
+    if args.threads != 1:
+        res[f"gemm_gflops_{args.threads}_threads"] = gemm_gflops(args.threads)
     teacher = load_bench_model("smollm2").requires_grad_(False).eval()
     res["generation_tok_s"] = generation_tok_s(teacher)
     students = {
@@ -106,8 +107,8 @@ def main() -> None:
     corpus_min = CORPUS_TOKENS / res["generation_tok_s"] / 60
     res["corpus_4096_min"] = corpus_min
     print(f"{res['cpu']}, torch {res['torch']}, threads={args.threads}")
-    print(f"  fp32 GEMM 512x576x1536: {res['gemm_gflops_1_thread']:.1f} GFLOP/s (1 thread), "
-          f"{res[f'gemm_gflops_{args.threads}_threads']:.1f} (threads={args.threads})")
+    more = "" if args.threads == 1 else f", {res[f'gemm_gflops_{args.threads}_threads']:.1f} (threads={args.threads})"
+    print(f"  fp32 GEMM 512x576x1536: {res['gemm_gflops_1_thread']:.1f} GFLOP/s (1 thread){more}")
     print(f"  generation: {res['generation_tok_s']:.0f} tok/s -> the 4096-sequence corpus in ~{corpus_min:.0f} min")
     for run, (student, steps) in RUNS.items():
         s = res[f"step_s_{student}"]
