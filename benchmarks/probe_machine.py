@@ -13,7 +13,11 @@ It then projects the wall time of the recorded long runs from those rates: the 4
 (481,150 tokens, session 14) plus 1000 (#17) or 700 (#15) steps. GPTQ, export and evaluation (a few minutes
 each) are not included.
 
-    python benchmarks/probe_machine.py [--threads 2] [--json out.json]
+`--device cuda` times generation and the steps on a GPU (the GEMM figures stay CPU ones); `--random` uses a
+randomly initialised model of SmolLM2-135M's exact shapes (30 layers, hidden 576, GQA 9/3, vocab 49152), for
+a machine that has not got the weights: the timings need the shapes, not the values.
+
+    python benchmarks/probe_machine.py [--threads 2] [--device cuda] [--random] [--json out.json]
 """
 
 from __future__ import annotations
@@ -63,24 +67,49 @@ def gemm_gflops(threads: int, reps: int = 30) -> float:
     return 2 * 512 * 576 * 1536 * reps / dt / 1e9
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def generation_tok_s(teacher: torch.nn.Module) -> float:
     """Generated tokens/s of one batch of 64 sequences of 128 tokens (the corpus's batch; EOS stop off)."""
+    device = next(teacher.parameters()).device
     cfg = GenerationConfig(max_length=128, batch_size=64, stop_at_eos=False)
-    gen = torch.Generator().manual_seed(0)
-    firsts = torch.randint(100, teacher.config.vocab_size, (64,), generator=gen)
+    firsts = torch.randint(100, teacher.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0))
     ks = torch.full((64,), 4)
+    gen = torch.Generator(device=device).manual_seed(0)
+    _sync(device)
     t0 = time.perf_counter()
     out = generate_batch(teacher, firsts, ks, cfg, gen, eos_id=None)
+    _sync(device)
     dt = time.perf_counter() - t0
     return sum(len(s) - 1 for s in out) / dt
 
 
 def step_seconds(teacher: torch.nn.Module, student: torch.nn.Module, steps: int) -> float:
-    """Median seconds of a KD-QAT step (4 x 128 tokens) after one warm-up step."""
+    """Median seconds of a KD-QAT step (4 x 128 tokens) after one warm-up step (synchronised on a GPU)."""
+    device = next(teacher.parameters()).device
     batch = torch.randint(0, teacher.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
-    step = make_step(teacher, student.requires_grad_(True).train(), batch, DistillationLoss(LossConfig()))
+    step = make_step(teacher, student.requires_grad_(True).train(), batch.to(device), DistillationLoss(LossConfig()))
     step()
-    return statistics.median(step()[0] for _ in range(steps))
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def smollm2_shaped_random() -> torch.nn.Module:
+    """A random Llama of SmolLM2-135M's shapes (no weights needed: timings depend on shapes only)."""
+    from qat_lightning.models import load_model
+
+    model, _ = load_model({"source": "tiny", "hidden_size": 576, "intermediate_size": 1536, "num_layers": 30,
+                           "num_heads": 9, "num_kv_heads": 3, "vocab_size": 49152, "max_position_embeddings": 2048})
+    return model.float()
 
 
 def main() -> None:
@@ -88,14 +117,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--steps", type=int, default=1, help="timed steps per student (after one warm-up)")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--device", default="cpu", help="where generation and the steps run: cpu or cuda")
+    ap.add_argument("--random", action="store_true", help="a random model of SmolLM2's shapes (no weights needed)")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA device here")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    res: dict = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__}
+    res: dict = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "device": str(device),
+                 "model": "random, SmolLM2-135M shapes" if args.random else "SmolLM2-135M-Instruct"}
+    if device.type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(device)
     res["gemm_gflops_1_thread"] = gemm_gflops(1)
     if args.threads != 1:
         res[f"gemm_gflops_{args.threads}_threads"] = gemm_gflops(args.threads)
-    teacher = load_bench_model("smollm2").requires_grad_(False).eval()
+    teacher = smollm2_shaped_random() if args.random else load_bench_model("smollm2")
+    teacher = teacher.to(device).requires_grad_(False).eval()
     res["generation_tok_s"] = generation_tok_s(teacher)
     students = {
         "w4a8kv4_rot": lambda: QuaRot(r3=True, r4=True).build(
@@ -106,7 +144,7 @@ def main() -> None:
         res[f"step_s_{name}"] = step_seconds(teacher, build(), args.steps)
     corpus_min = CORPUS_TOKENS / res["generation_tok_s"] / 60
     res["corpus_4096_min"] = corpus_min
-    print(f"{res['cpu']}, torch {res['torch']}, threads={args.threads}")
+    print(f"{res['cpu']}, torch {res['torch']}, threads={args.threads}, {res.get('gpu', 'cpu')}, {res['model']}")
     more = "" if args.threads == 1 else f", {res[f'gemm_gflops_{args.threads}_threads']:.1f} (threads={args.threads})"
     print(f"  fp32 GEMM 512x576x1536: {res['gemm_gflops_1_thread']:.1f} GFLOP/s (1 thread){more}")
     print(f"  generation: {res['generation_tok_s']:.0f} tok/s -> the 4096-sequence corpus in ~{corpus_min:.0f} min")

@@ -90,6 +90,8 @@ def test_every_experiment_runs_on_a_tiny_model_of_its_family(exp, tmp_path):
         ("methods.awq.grid=0", "grid"),
         ("+methods.omniquant.bits=3", "omniquant"),
         ("evaluate.methods=[fp,omniquant]", "omniquant"),
+        ("model.device=tpu", "model.device"),
+        ("trainer.max_time=7min", "trainer.max_time must be DD:HH:MM:SS"),
     ],
 )
 def test_bad_values_fail_validation_with_one_clear_line(override, needle):
@@ -125,3 +127,32 @@ def test_cli_missing_eval_data_exits_2_before_training(tmp_path):
     assert lines[-1].startswith("error: no wikitext2 data found") and "QAT_DATA_DIR" in lines[-1]
     assert not (tmp_path / "data" / "generated").exists()  # nothing generated
     assert not (tmp_path / "run" / "student").exists()  # nothing trained
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_model_device_cuda_without_a_gpu_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match="model.device=cuda, but torch sees no CUDA device"):
+        validate_config(compose(["+exp=tiny_w4a8kv4", "model.device=cuda"]))
+
+
+@pytest.mark.parametrize(
+    ("device", "accelerator", "cuda", "expected"),
+    [
+        ("auto", "cpu", True, "cpu"),  # a CPU run keeps its teacher on the CPU even where a GPU exists
+        ("auto", "gpu", False, "cpu"),
+        ("auto", "gpu", True, "cuda:1"),  # this rank's GPU (LOCAL_RANK=1)
+        ("cpu", "gpu", True, "cpu"),
+        ("cuda", "cpu", True, "cuda:1"),
+    ],
+)
+def test_model_device_resolves_to_this_ranks_gpu_only_when_asked_or_training_there(
+        device, accelerator, cuda, expected, monkeypatch):
+    import torch
+
+    from qat_lightning.run.context import teacher_device
+
+    cfg = validate_config(compose(["+exp=tiny_w4a8kv4", f"trainer.accelerator={accelerator}"]))
+    cfg.model.device = device  # set after validation: validating model.device=cuda needs a real GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert teacher_device(cfg) == torch.device(expected)

@@ -95,6 +95,15 @@ def test_resume_in_the_middle_of_an_epoch_is_exact(tmp_path):
     assert resumed["train/student/loss"] == pytest.approx(full["train/student/loss"], rel=1e-5, abs=1e-6)
 
 
+def test_a_spent_time_budget_stops_training_and_the_run_still_evaluates(tmp_path):
+    """trainer.max_time=00:00:00:00 (Lightning's Timer): no step of the 6, then evaluate scores the student."""
+    common = [*RESUME_COMMON, "stages=[train,evaluate]", "evaluate.methods=[qat]", "evaluate.tasks=[kl]",
+              "evaluate.kl_batches=1"]
+    spent, _ = _in_process([*common, "trainer.max_time=00:00:00:00"], tmp_path, run="spent")
+    assert spent["train/student/steps"] == 0
+    assert spent["evaluate/qat/kl"] is not None
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     from qat_lightning.distill.module import NonFiniteLossError
 

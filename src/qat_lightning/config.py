@@ -197,6 +197,12 @@ def _check_across_sections(cfg: RunConfig) -> None:
         choices = ", ".join([*INIT_ALIASES, *sorted(cfg.methods)])
         raise ConfigError(f"init must be one of {choices}; got {cfg.init!r}")
     _check_trained_student(cfg)
+    if cfg.model.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("model.device=cuda, but torch sees no CUDA device here (model.device=auto picks one "
+                              "when there is)")
     for scored in ("export", "gguf"):
         if scored not in cfg.evaluate.methods or "evaluate" not in cfg.stages:
             continue

@@ -142,7 +142,7 @@ def _cached_scores(ctx: RunContext, name: str, heldout: list[dict] | None,
         return None
     method = cfg.method(name)
     cache = EvalCache(Path(cfg.paths.data_dir) / "eval_cache")
-    base = {"method": method.identity(), "model": {k: v for k, v in asdict(cfg.model).items() if k != "cache_dir"}}
+    base = {"method": method.identity(), "model": cfg.model.identity()}
     if name != "fp":
         base["quant"] = asdict(cfg.quant)
     if method.needs_calibration:
@@ -261,7 +261,7 @@ def _engine_dir(ctx: RunContext) -> Path:
     """Where the teacher's GGUF files live: one folder per model config (they do not depend on the run)."""
     from qat_lightning.fingerprint import digest
 
-    model = {k: v for k, v in asdict(ctx.cfg.model).items() if k != "cache_dir"}
+    model = ctx.cfg.model.identity()
     return Path(ctx.cfg.paths.data_dir).expanduser() / "gguf" / f"{ctx.cfg.model.name}-{digest(model)}"
 
 

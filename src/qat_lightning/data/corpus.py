@@ -26,7 +26,7 @@ def corpus_dir(cfg) -> Path:
     gen = asdict(cfg.generation)
     gen.pop("num_sequences", None)  # a bigger corpus of the same settings extends the same folder
     gen.pop("out_dir", None)
-    model = {k: v for k, v in asdict(cfg.model).items() if k not in ("cache_dir", "dtype")}
+    model = {k: v for k, v in cfg.model.identity().items() if k != "dtype"}
     key = digest([gen, model])
     return Path(cfg.paths.data_dir).expanduser() / "generated" / cfg.model.name / f"{cfg.generation.strategy}-{key}"
 

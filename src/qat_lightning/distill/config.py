@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,7 @@ class TrainerConfig:
     precision: str = "32-true"
     max_steps: int = -1
     max_epochs: int | None = 1
+    max_time: str | None = None  # "DD:HH:MM:SS": stop training there (then evaluate/export what was trained)
     gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 5
@@ -115,6 +117,8 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"trainer.max_steps must be -1 (use max_epochs) or > 0, got {self.max_steps}")
+        if self.max_time is not None and not re.fullmatch(r"\d{2}:\d{2}:\d{2}:\d{2}", str(self.max_time)):
+            raise ValueError(f"trainer.max_time must be DD:HH:MM:SS (e.g. 00:02:30:00), got {self.max_time!r}")
         if self.accumulate_grad_batches < 1:
             raise ValueError(f"trainer.accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
         valid = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 SOURCES = ("smollm2", "hub", "tiny")
 ARCHS = ("llama", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
 TOKENIZERS = ("byte", "smollm2")
 
 
@@ -29,6 +31,9 @@ class ModelConfig:
     revision: str | None = None
     gguf_file: str | None = None
     dtype: str = "float32"
+    # where the teacher lives, and so where generation, calibration (GPTQ, rotations) and evaluation run:
+    # auto = this rank's GPU when trainer.accelerator is gpu/cuda/auto and torch sees one, else the CPU
+    device: str = "auto"
     cache_dir: str = "~/.cache/qat_lightning"
     trust_remote_code: bool = False
     # tiny random models
@@ -43,11 +48,18 @@ class ModelConfig:
     tokenizer: str = "byte"
     seed: int = 0
 
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the teacher's weights and outputs: cache keys use these, never where the
+        model is cached (`cache_dir`) or which device runs it (`device`)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("cache_dir", "device")}
+
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"model.source must be one of {', '.join(SOURCES)}; got {self.source!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"model.device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if self.source == "hub" and not self.name_or_path:
             raise ValueError("model.source=hub needs model.name_or_path (a hub id or a local directory)")
         if self.source == "tiny":

@@ -30,6 +30,27 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def teacher_device(cfg: RunConfig) -> torch.device:
+    """`model.device` resolved: `auto` is this rank's GPU when the trainer runs on GPUs and torch sees one.
+
+    Why: generation, GPTQ/rotations and evaluation follow the teacher's device; left on the CPU of a GPU
+    machine they would take longer than the training itself.
+    """
+    want = cfg.model.device
+    gpu_trainer = str(cfg.trainer.accelerator) in ("gpu", "cuda", "auto")
+    if want == "cpu" or (want == "auto" and not (gpu_trainer and torch.cuda.is_available())):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` on `device` (moved only when its first parameter is elsewhere)."""
+    param = next(model.parameters(), None)
+    if param is not None and param.device != device:
+        model.to(device)
+    return model
+
+
 class RunContext:
     """One run's shared state. `trained_student` is set only by the train stage (or loaded from
     `student_path`): an untrained student is never taken for a trained one."""
@@ -50,6 +71,7 @@ class RunContext:
         self._calib: list[dict] | None = None
         self._transformed: dict[str, nn.Module] = {}  # init's FP rewrite, kept for evaluate (`transformed`)
         self._logger = None  # built on first use; one per run, shared by train, evaluate and export
+        self.device = teacher_device(cfg)
 
     # ---- logging and results ----------------------------------------------------------------------
     def logger(self):
@@ -81,25 +103,29 @@ class RunContext:
 
     # ---- models ------------------------------------------------------------------------------------
     def teacher(self):
-        """(teacher, tokenizer), loaded once per run, frozen and in eval mode."""
+        """(teacher, tokenizer), loaded once per run, frozen, in eval mode, on `model.device`.
+
+        Checked on every call: Lightning's teardown moves the modules it trained (teacher included) to the CPU.
+        """
         if self._teacher is None:
             from qat_lightning.models import load_model
 
             self._teacher, self._tokenizer = load_model(self.cfg.model)
             self._teacher.requires_grad_(False).eval()
+        _to_device(self._teacher, self.device)
         return self._teacher, self._tokenizer
 
     def student(self) -> nn.Module:
         """The trained student: this run's (in memory) or the one at `student_path` (checked at start-up)."""
         if self.trained_student is not None:
-            return self.trained_student
+            return _to_device(self.trained_student, self.device)
         path = self.trained_path or self.cfg.student_path
         if not path:
             raise RuntimeError("no trained student: the train stage did not run and student_path is not set")
         from qat_lightning.distill.student_io import load_saved_student
 
         teacher, _ = self.teacher()
-        self.trained_student = load_saved_student(teacher, path)
+        self.trained_student = _to_device(load_saved_student(teacher, path), self.device)
         return self.trained_student
 
     def transformed(self, method, keep: bool = False) -> nn.Module:
