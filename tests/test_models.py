@@ -129,6 +129,22 @@ def test_hub_loads_a_local_model_folder(tmp_path):
     torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight.bfloat16())
 
 
+def test_loading_uses_transformers_own_forwards_and_needs_no_kernels_package(tmp_path, monkeypatch):
+    """transformers 5 kernelizes on load by default, and refuses to load without the `kernels` package."""
+    import transformers.modeling_utils as modeling_utils
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+    if not hasattr(PreTrainedModel, "set_use_kernels"):
+        pytest.skip("this transformers has no Hub kernels")
+    build_tiny_model(build_tiny_config("llama"), seed=3).save_pretrained(tmp_path)
+    word_level = Tokenizer(models.WordLevel({f"t{i}": i for i in range(259)}, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=word_level, eos_token="t257").save_pretrained(tmp_path)
+    monkeypatch.setattr(modeling_utils, "is_kernels_available", lambda: False)  # as where it is not installed
+    loaded, _ = load_model({"source": "hub", "name_or_path": str(tmp_path)})
+    assert loaded.use_kernels is False
+
+
 # ---- conversion cache ----------------------------------------------------------------------------
 def test_save_converted_keeps_tied_weights_and_leaves_no_temp_dir(tmp_path):
     from transformers import AutoModelForCausalLM

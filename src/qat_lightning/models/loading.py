@@ -27,6 +27,18 @@ def _smollm2_tokenizer(cache_dir: str):
     return AutoTokenizer.from_pretrained(convert_smollm2(cache_dir))
 
 
+def no_hub_kernels() -> dict[str, Any]:
+    """`use_kernels=False` for `from_pretrained` where transformers has Hub kernels (5.x; empty before).
+
+    Why: by default transformers 5 swaps layer forwards for kernels fetched from the Hub (nothing downloads at run
+    time here, and our fake-quant numerics and llama.cpp mirror assume transformers' own forwards), and it refuses
+    to load a model at all when the `kernels` package is missing (seen on a GPU machine, 2026-12-04).
+    """
+    from transformers import PreTrainedModel
+
+    return {"use_kernels": False} if hasattr(PreTrainedModel, "set_use_kernels") else {}
+
+
 def load_model(cfg: ModelConfig | Mapping | Any) -> tuple[torch.nn.Module, Any]:
     """The model in eval mode and `cfg.dtype`, and its tokenizer.
 
@@ -58,7 +70,7 @@ def load_model(cfg: ModelConfig | Mapping | Any) -> tuple[torch.nn.Module, Any]:
         from qat_lightning.models.smollm2 import convert_smollm2
 
         path = convert_smollm2(cfg.cache_dir)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **no_hub_kernels())
         return model.eval(), AutoTokenizer.from_pretrained(path)
     local = Path(cfg.name_or_path).expanduser()
     if local.is_dir() and not (local / "config.json").exists() and not cfg.gguf_file:
@@ -66,7 +78,7 @@ def load_model(cfg: ModelConfig | Mapping | Any) -> tuple[torch.nn.Module, Any]:
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-            gguf_file=cfg.gguf_file,
+            gguf_file=cfg.gguf_file, **no_hub_kernels(),
         )
         tokenizer = AutoTokenizer.from_pretrained(
             cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file

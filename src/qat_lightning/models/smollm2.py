@@ -51,8 +51,11 @@ def load_smollm2_gguf() -> tuple[nn.Module, Any]:
     """The GGUF model dequantized to fp32, and its tokenizer, straight from the package (slow: ~14 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from qat_lightning.models.loading import no_hub_kernels
+
     gguf = smollm2_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 **no_hub_kernels())
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return model.eval(), tokenizer
 
