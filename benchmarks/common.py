@@ -16,9 +16,14 @@ KV_BITS = {"f16": 16, "q8_0": 8, "q4_0": 4}  # llama.cpp's KV cache types
 
 
 def load_bench_model(name: str) -> nn.Module:
-    """`smollm2`: SmolLM2-135M-Instruct (fp32); `tiny`: a random 4-layer Llama with GQA (hidden 128)."""
+    """`smollm2`: SmolLM2-135M-Instruct (fp32); `smollm2_shapes`: a random Llama of its layer shapes, head untied (for timings
+    where the weights are not at hand); `tiny`: a random 4-layer Llama with GQA (hidden 128)."""
     if name == "smollm2":
         model, _ = load_model({"source": "smollm2"})
+    elif name == "smollm2_shapes":
+        model, _ = load_model({"source": "tiny", "hidden_size": 576, "intermediate_size": 1536, "num_layers": 30,
+                               "num_heads": 9, "num_kv_heads": 3, "vocab_size": 49152,
+                               "max_position_embeddings": 2048})
     else:
         model, _ = load_model({"source": "tiny", "hidden_size": 128, "intermediate_size": 352, "num_layers": 4,
                                "num_heads": 4, "num_kv_heads": 2, "vocab_size": 512})
