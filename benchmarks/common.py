@@ -16,8 +16,8 @@ KV_BITS = {"f16": 16, "q8_0": 8, "q4_0": 4}  # llama.cpp's KV cache types
 
 
 def load_bench_model(name: str) -> nn.Module:
-    """`smollm2`: SmolLM2-135M-Instruct (fp32); `smollm2_shapes`: a random Llama of its layer shapes, head untied (for timings
-    where the weights are not at hand); `tiny`: a random 4-layer Llama with GQA (hidden 128)."""
+    """`smollm2`: SmolLM2-135M-Instruct (fp32); `smollm2_shapes`: a random Llama of its layer shapes, head
+    untied (for timings where the weights are not at hand); `tiny`: a random 4-layer Llama with GQA (hidden 128)."""
     if name == "smollm2":
         model, _ = load_model({"source": "smollm2"})
     elif name == "smollm2_shapes":
