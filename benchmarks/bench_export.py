@@ -4,7 +4,7 @@ For each setting the *untrained* round-to-nearest student from `quantize_model` 
 a trained student improves on) is exported with the defaults (fp16 scales, fp16 FP params), reloaded with
 `load_exported`, and decoded greedily with `QuantizedKVCache`, once with `weights="packed"` (codes
 dequantized in every forward) and once with `weights="dequantized"` (dequantized once at load).
-Perplexity (GPTQ convention, `qat_lightning.eval.perplexity`) is measured on the first --ppl-windows
+Perplexity (GPTQ convention, `qat_lightning.eval.ppl`) is measured on the first --ppl-windows
 windows of --ppl-seq-len tokens of WikiText-2 test ($QAT_DATA_DIR/wikitext2/wiki.test.raw), with the
 dequantized weights (same logits as packed; checked on the first window). Baselines: the same model
 all-fp16 for sizes, its fp32 perplexity, an fp16 KV cache for KV bytes, the FP32 model with HF's
@@ -30,7 +30,7 @@ import torch
 from common import load_bench_model
 from torch import nn
 
-from qat_lightning.eval.perplexity import perplexity, tokenize_text
+from qat_lightning.eval.ppl import perplexity, tokenize_text
 from qat_lightning.eval.sources import load_text
 from qat_lightning.export import (
     QuantizedKVCache,

@@ -34,7 +34,7 @@ import torch
 from common import KV_BITS, q4_0_config
 
 from qat_lightning.eval import corpus_ids
-from qat_lightning.eval.perplexity import perplexity, token_nll
+from qat_lightning.eval.ppl import perplexity, token_nll
 from qat_lightning.export.gguf import export_gguf
 from qat_lightning.export.llamacpp import (
     kv_cache_bytes,
@@ -156,7 +156,7 @@ def quality(files: dict[str, Path], teacher, tokenizer, harness: bool, threads: 
                 llm = load_gguf(files[name], n_ctx=seq_len, kv_type=kv, n_threads=threads)
                 s = score_windows(llm, w, scored)
                 llm.close()
-                harness_ppl = math.exp(float(sum(nll)) / (w.shape[0] * (seq_len - 1)))  # = eval.perplexity's
+                harness_ppl = math.exp(float(sum(nll)) / (w.shape[0] * (seq_len - 1)))  # = eval.ppl's
                 row.update(harness_ppl=harness_ppl, kl_student=s["kl"], top1_student=s["top1_agreement"])
             if harness and name == "f16" and kv == "f16":
                 row["harness_ppl"] = perplexity(teacher, ids, seq_len, max_windows=windows)["ppl"]

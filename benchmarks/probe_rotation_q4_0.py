@@ -27,7 +27,7 @@ import torch
 from common import KV_BITS, q4_0_config, write_json
 
 from qat_lightning.eval import corpus_ids
-from qat_lightning.eval.perplexity import perplexity
+from qat_lightning.eval.ppl import perplexity
 from qat_lightning.models import load_model
 from qat_lightning.quant import quantize_model
 from qat_lightning.rotate import rotate_model

@@ -26,7 +26,7 @@ import torch
 
 from qat_lightning.baselines.rtn import rtn
 from qat_lightning.eval import corpus_ids
-from qat_lightning.eval.perplexity import perplexity
+from qat_lightning.eval.ppl import perplexity
 from qat_lightning.models import load_model
 from qat_lightning.quant import QuantConfig, QuantSpec
 from qat_lightning.rotate import attach_online_rotations, rotate_model

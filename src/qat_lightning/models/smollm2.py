@@ -103,3 +103,25 @@ def convert_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     log.info("converting %s to %s (once, ~15 s)", GGUF_FILE, target)
     model, tokenizer = load_smollm2_gguf()
     return save_converted(model, tokenizer, target)
+
+
+def smollm2_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """A folder holding SmolLM2's tokenizer: the converted model's when it exists, else a tokenizer-only one.
+
+    Why: a tiny model with SmolLM2's tokenizer (`model.tokenizer=smollm2`) needs 49k tokens, not 135M weights;
+    the tokenizer alone converts from the GGUF's metadata in a few seconds, where the whole model takes ~15 s
+    (and minutes on a busy 2-core machine).
+    """
+    converted = smollm2_cache_dir(cache_dir)
+    if (converted / "tokenizer_config.json").exists():
+        return converted
+    target = resolve_cache_dir(cache_dir) / f"{CACHE_NAME}-tokenizer"
+    if (target / "tokenizer_config.json").exists():
+        return target
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with atomic_dir(target) as tmp:
+        tokenizer.save_pretrained(tmp)
+    return target

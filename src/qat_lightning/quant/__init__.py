@@ -1,39 +1,37 @@
-"""Fake quantization core (pure PyTorch): primitives -> spec -> modules -> api, layered like torchao."""
+"""Fake quantization core (pure PyTorch): primitives -> spec -> modules -> api, layered like torchao.
 
-from qat_lightning.quant.api import (
-    as_quant_config,
-    iter_quant_linears,
-    quant_summary,
-    quantization_enabled,
-    quantize_model,
-    set_quantization_enabled,
-)
-from qat_lightning.quant.modules import QuantEmbedding, QuantLinear
-from qat_lightning.quant.primitives import (
-    compute_scale_zero,
-    dequantize,
-    fake_quantize,
-    group_view,
-    quantize_to_int,
-    round_to_grid,
-)
-from qat_lightning.quant.spec import QuantConfig, QuantSpec
+Names are imported lazily so that reading the config schema (`qat_lightning.quant.spec`) does not pull in
+torch.
+"""
 
-__all__ = [
-    "QuantConfig",
-    "QuantEmbedding",
-    "QuantLinear",
-    "QuantSpec",
-    "as_quant_config",
-    "compute_scale_zero",
-    "dequantize",
-    "fake_quantize",
-    "group_view",
-    "iter_quant_linears",
-    "quant_summary",
-    "quantization_enabled",
-    "quantize_model",
-    "quantize_to_int",
-    "round_to_grid",
-    "set_quantization_enabled",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "QuantConfig": "spec",
+    "QuantEmbedding": "modules",
+    "QuantLinear": "modules",
+    "QuantSpec": "spec",
+    "as_quant_config": "api",
+    "compute_scale_zero": "primitives",
+    "dequantize": "primitives",
+    "fake_quantize": "primitives",
+    "group_view": "primitives",
+    "iter_quant_linears": "api",
+    "quant_summary": "api",
+    "quantization_enabled": "api",
+    "quantize_model": "api",
+    "quantize_to_int": "primitives",
+    "round_to_grid": "primitives",
+    "set_quantization_enabled": "api",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
