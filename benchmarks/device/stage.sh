@@ -15,6 +15,10 @@ dists=$(cd "$SP" && ls -d antlr4_python3_runtime-*.dist-info hydra_core-*.dist-i
   gguf-*.dist-info transformers-*.dist-info huggingface_hub-*.dist-info httpx2-*.dist-info httpcore2-*.dist-info \
   truststore-*.dist-info dill-*.dist-info lm_eval-*.dist-info)
 tar -C "$SP" --exclude='lm_eval/tasks' --exclude='__pycache__' -cJf .gpu1/site.tar.xz "${pkgs[@]}" $dists
+# llama.cpp's bindings as built here (ctypes + shared libraries, no CPython extension, AVX2 without AVX-512 or
+# AMX on our machines, 3.7 MB compressed), so the #15 runs are scored by the engine on the device's CPU
+(cd "$SP" && tar --exclude='__pycache__' -cJf - llama_cpp llama_cpp_python-*.dist-info diskcache diskcache-*.dist-info) \
+  > .gpu2/engine.tar.xz
 head -c 55000000 "$GGUF" > .gpu1/gguf.part-aa
 tail -c +55000001 "$GGUF" > .gpu2/gguf.part-ab
 sha256sum "$GGUF" | cut -d' ' -f1 > .gpu2/gguf.sha256
