@@ -6,8 +6,7 @@ in torch, transformers and Lightning.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from qat_lightning.lazy import lazy_exports
 
 _EXPORTS = {
     "DataConfig": "config",
@@ -24,11 +23,4 @@ _EXPORTS = {
     "build_datamodule": "datamodules",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
-    return getattr(module, name)
+__all__, __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -7,8 +7,7 @@ same way. Names are imported lazily so that reading the config schema (`qat_ligh
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from qat_lightning.lazy import lazy_exports
 
 _EXPORTS = {
     "EvalConfig": "config",
@@ -33,10 +32,4 @@ _EXPORTS = {
     "tokenize_text": "ppl",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__all__, __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -7,10 +7,7 @@ Imports are lazy so that `qat_lightning.config` (which needs `ExportConfig`) doe
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from qat_lightning.export.config import FORMAT_VERSION, ExportConfig
+from qat_lightning.lazy import lazy_exports
 
 _LAZY = {
     "export_student": "exporter",
@@ -25,10 +22,4 @@ _LAZY = {
     "unpack_int4": "pack",
 }
 
-__all__ = ["FORMAT_VERSION", "ExportConfig", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"qat_lightning.export.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'qat_lightning.export' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, {"FORMAT_VERSION": "config", "ExportConfig": "config", **_LAZY})

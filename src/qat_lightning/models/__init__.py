@@ -6,8 +6,7 @@ transformers.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from qat_lightning.lazy import lazy_exports
 
 _EXPORTS = {
     "ByteTokenizer": "byte_tokenizer",
@@ -20,10 +19,4 @@ _EXPORTS = {
     "smollm2_gguf_path": "smollm2",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__all__, __getattr__ = lazy_exports(__name__, _EXPORTS)

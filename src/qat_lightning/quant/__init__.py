@@ -6,8 +6,7 @@ torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from qat_lightning.lazy import lazy_exports
 
 _EXPORTS = {
     "QuantConfig": "spec",
@@ -28,10 +27,4 @@ _EXPORTS = {
     "set_quantization_enabled": "api",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__all__, __getattr__ = lazy_exports(__name__, _EXPORTS)
