@@ -92,6 +92,7 @@ def test_every_experiment_runs_on_a_tiny_model_of_its_family(exp, tmp_path):
         ("evaluate.methods=[fp,omniquant]", "omniquant"),
         ("model.device=tpu", "model.device"),
         ("trainer.max_time=7min", "trainer.max_time must be DD:HH:MM:SS"),
+        ("callbacks.ema_decay=1.0", "callbacks.ema_decay must be in (0, 1)"),
     ],
 )
 def test_bad_values_fail_validation_with_one_clear_line(override, needle):

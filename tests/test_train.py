@@ -95,6 +95,50 @@ def test_resume_in_the_middle_of_an_epoch_is_exact(tmp_path):
     assert resumed["train/student/loss"] == pytest.approx(full["train/student/loss"], rel=1e-5, abs=1e-6)
 
 
+def _saved_student(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "student" / "student.safetensors"))
+
+
+def test_ema_student_is_the_average_of_the_trained_weights_and_resumes_exactly(tmp_path):
+    """callbacks.ema_decay=0.5 from step 2 over 4 steps: the saved student is W2, then lerp(., W3, 0.5), then
+    lerp(., W4, 0.5) of the plain runs' weights after 2, 3, 4 steps (same seed and 6-step schedule); the last
+    checkpoint keeps the raw W4 to resume from, and a run stopped at step 3 and resumed ends on the same average."""
+    plain = {k: _saved_student(_in_process([*RESUME_COMMON, f"trainer.max_steps={k}"], tmp_path,
+                                           run=f"plain{k}")[1].run_dir) for k in (2, 3, 4)}
+    ema = ["callbacks.ema_decay=0.5", "callbacks.ema_start_step=2"]
+    results, ctx = _in_process([*RESUME_COMMON, *ema, "trainer.max_steps=4"], tmp_path, run="ema")
+    assert results["train/student/steps"] == 4 and results["train/student/ema_decay"] == 0.5
+    student = _saved_student(ctx.run_dir)
+    moved = 0
+    for name, w4 in plain[4].items():
+        if not w4.is_floating_point():
+            continue
+        expected = torch.lerp(torch.lerp(plain[2][name], plain[3][name], 0.5), w4, 0.5)
+        torch.testing.assert_close(student[name], expected, rtol=0, atol=1e-6, msg=name)
+        moved += not torch.equal(plain[2][name], w4)
+    assert moved > 0, "no weight moved in training: the test would pass for any average"
+    assert not all(torch.equal(student[n], plain[4][n]) for n in plain[4]), "the student is the last weights"
+    state = torch.load(ctx.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    for name, w4 in plain[4].items():
+        torch.testing.assert_close(state["state_dict"][f"student.{name}"], w4, rtol=0, atol=0, msg=name)
+    _in_process([*RESUME_COMMON, *ema, "trainer.max_steps=3"], tmp_path, run="ema_resumed")
+    _, resumed = _in_process([*RESUME_COMMON, *ema, "trainer.max_steps=4", "ckpt_path=last"], tmp_path,
+                             run="ema_resumed")
+    for name, value in _saved_student(resumed.run_dir).items():
+        torch.testing.assert_close(value, student[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_ema_is_refused_with_fsdp_at_start_up(tmp_path):
+    from conftest import compose
+    from qat_lightning.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not strategy=fsdp"):
+        validate_config(compose(["+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), "strategy=fsdp",
+                                 "callbacks.ema_decay=0.99"]))
+
+
 def test_a_spent_time_budget_stops_training_and_the_run_still_evaluates(tmp_path):
     """trainer.max_time=00:00:00:00 (Lightning's Timer): no step of the 6, then evaluate scores the student."""
     common = [*RESUME_COMMON, "stages=[train,evaluate]", "evaluate.methods=[qat]", "evaluate.tasks=[kl]",

@@ -197,6 +197,9 @@ def _check_across_sections(cfg: RunConfig) -> None:
         choices = ", ".join([*INIT_ALIASES, *sorted(cfg.methods)])
         raise ConfigError(f"init must be one of {choices}; got {cfg.init!r}")
     _check_trained_student(cfg)
+    if cfg.callbacks.ema_decay is not None and cfg.strategy.name == "fsdp":
+        raise ConfigError("callbacks.ema_decay averages the whole student on each rank: it needs a single-process "
+                          "or DDP run, not strategy=fsdp (FSDP2 shards the student)")
     if cfg.model.device == "cuda":
         import torch
 

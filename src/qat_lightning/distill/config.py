@@ -152,7 +152,15 @@ class CallbacksConfig:
     checkpoint_every_n_steps: int = 50
     save_last: bool = True
     lr_monitor: bool = True
+    # an exponential moving average of the student's weights (distill/ema.py), the trained student when set;
+    # it starts at the first optimizer step >= ema_start_step (as a copy) and averages every step after
+    ema_decay: float | None = None
+    ema_start_step: int = 0
 
     def __post_init__(self) -> None:
         if self.checkpoint_every_n_steps < 1:
             raise ValueError(f"callbacks.checkpoint_every_n_steps must be >= 1, got {self.checkpoint_every_n_steps}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"callbacks.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+        if self.ema_start_step < 0:
+            raise ValueError(f"callbacks.ema_start_step must be >= 0, got {self.ema_start_step}")

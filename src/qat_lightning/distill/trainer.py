@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from torch import nn
 
+from qat_lightning.distill.ema import StudentEMA
 from qat_lightning.distill.module import DistillationModule
 from qat_lightning.distill.student_io import save_student
 
@@ -44,6 +45,8 @@ def build_strategy(cfg):
 def build_callbacks(cfg, run_dir: Path) -> list[Callback]:
     cc = cfg.callbacks
     callbacks: list[Callback] = []
+    if cc.ema_decay is not None:
+        callbacks.append(StudentEMA(cc.ema_decay, cc.ema_start_step))
     if cc.checkpoint:
         # step-based saving: a checkpoint written in on_train_epoch_end resumes one epoch too far
         # (Lightning 2.6), one written after a step resumes exactly at an epoch boundary
@@ -106,17 +109,21 @@ def train_student(ctx) -> DistillationModule:
         gradient_checkpointing=cfg.strategy.gradient_checkpointing,
     )
     run_dir = ctx.run_dir
+    callbacks = build_callbacks(cfg, run_dir)
     trainer = L.Trainer(
         **cfg.trainer.kwargs(),
         strategy=build_strategy(cfg),
         logger=ctx.logger(),  # the run's logger: W&B writes from rank 0 only; stays open for evaluate/export
-        callbacks=build_callbacks(cfg, run_dir),
+        callbacks=callbacks,
         default_root_dir=str(run_dir),
         enable_checkpointing=cfg.callbacks.checkpoint,
     )
     trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg, run_dir))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     results = {"steps": trainer.global_step}
+    ema = [c for c in callbacks if isinstance(c, StudentEMA)]
+    if ema and ema[0].copy_to(module):  # the student is the average from here on (saved, evaluated, exported)
+        results["ema_decay"] = cfg.callbacks.ema_decay
     for key, value in metrics.items():
         split, _, name = key.partition("/")
         name = name.removesuffix("_step").removesuffix("_epoch")
