@@ -109,8 +109,8 @@ def smollm2_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """A folder holding SmolLM2's tokenizer: the converted model's when it exists, else a tokenizer-only one.
 
     Why: a tiny model with SmolLM2's tokenizer (`model.tokenizer=smollm2`) needs 49k tokens, not 135M weights;
-    the tokenizer alone converts from the GGUF's metadata in a few seconds, where the whole model takes ~15 s
-    (and minutes on a busy 2-core machine).
+    the tokenizer alone converts from the GGUF's metadata (11 s on the busy 2-core AMD machine, 2026-12-04, against
+    85 s for the whole model in the same conditions).
     """
     converted = smollm2_cache_dir(cache_dir)
     if (converted / "tokenizer_config.json").exists():
