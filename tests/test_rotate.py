@@ -347,3 +347,25 @@ def test_gguf_export_refuses_online_rotations(tmp_path):
     model = build_tiny_model(build_tiny_config())
     with pytest.raises(GGUFError, match="online rotations"):
         export_gguf(rotate_model(model, r4=True), None, tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_saved_rotated_student_reloads_with_its_online_rotations(tmp_path, tie):
+    """`student_path=` of a QuaRot R1-R4 run: the reloaded student must compute what the trained one did.
+
+    Without the rotation record the weights load onto the plain teacher and lose the online R3/R4 (session 24
+    scored such a student at KL 17 to the teacher); the second half shows that case differs, so this can fail.
+    """
+    from qat_lightning.distill.student_io import STUDENT_ROTATION, load_saved_student, save_student
+
+    teacher = tiny(tie=tie)
+    qcfg = QuantConfig(w_bits=4, a_bits=8, kv_bits=4, kv_placement="post_rope")
+    student = attach_online_rotations(quantize_model(rotate_model(teacher, r1=True, r2=True, r3=True, r4=True), qcfg))
+    ref = logits(student)
+    save_student(student.state_dict(), qcfg, tmp_path / "student", rotation=rotation_of(student))
+    reloaded = load_saved_student(teacher, tmp_path / "student")
+    assert rotation_of(teacher) is None  # the teacher stays unrotated
+    torch.testing.assert_close(logits(reloaded), ref, rtol=1e-5, atol=1e-5)
+
+    (tmp_path / "student" / STUDENT_ROTATION).unlink()  # what was saved before the record existed
+    assert rel_err(logits(load_saved_student(teacher, tmp_path / "student")), ref) > 1e-2

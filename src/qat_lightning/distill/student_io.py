@@ -21,10 +21,17 @@ __all__ = ["STUDENT_QUANT", "STUDENT_WEIGHTS", "check_saved_student", "load_save
 
 STUDENT_WEIGHTS = "student.safetensors"
 STUDENT_QUANT = "quant_config.json"
+STUDENT_ROTATION = "rotation.json"  # the online rotations (R3/R4) the weights need; absent when unrotated
 
 
-def save_student(state: dict[str, torch.Tensor], quant_cfg, out_dir: str | os.PathLike) -> Path:
-    """Write the student's weights and quant config as one folder, atomically."""
+def save_student(state: dict[str, torch.Tensor], quant_cfg, out_dir: str | os.PathLike,
+                 rotation: dict | None = None) -> Path:
+    """Write the student's weights and quant config as one folder, atomically.
+
+    `rotation` is the student's rotation record (`rotate.rotation_of`): weights rotated with the online R3/R4
+    compute another function without them, so the loader must rebuild them (session 24 scored such a student
+    at KL 17 before this was saved).
+    """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -32,6 +39,8 @@ def save_student(state: dict[str, torch.Tensor], quant_cfg, out_dir: str | os.Pa
         # tied weights share storage: safetensors wants distinct tensors
         save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp / STUDENT_WEIGHTS))
         (tmp / STUDENT_QUANT).write_text(json.dumps(asdict(quant_cfg), indent=2))
+        if rotation:
+            (tmp / STUDENT_ROTATION).write_text(json.dumps(rotation, indent=2))
     return out_dir
 
 
@@ -70,4 +79,9 @@ def load_saved_student(teacher: nn.Module, path: str | os.PathLike) -> nn.Module
     if missing or unexpected:
         raise ValueError(f"{path}: student weights do not match the model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
+    if (path / STUDENT_ROTATION).is_file():  # the online R3/R4 the rotated weights were trained with
+        from qat_lightning.rotate.absorb import CONFIG_KEY, attach_online_rotations
+
+        setattr(student.config, CONFIG_KEY, json.loads((path / STUDENT_ROTATION).read_text()))
+        attach_online_rotations(student)
     return student.eval()

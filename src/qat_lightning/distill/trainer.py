@@ -133,7 +133,9 @@ def train_student(ctx) -> DistillationModule:
 
     state = full_state_dict(module.student)
     if trainer.is_global_zero:
-        ctx.trained_path = save_student(state, cfg.quant, run_dir / "student")
+        from qat_lightning.rotate.absorb import rotation_of
+
+        ctx.trained_path = save_student(state, cfg.quant, run_dir / "student", rotation=rotation_of(module.student))
     distributed = trainer.world_size > 1
     if distributed:
         # sharded models cannot be used for single-process evaluation: rank 0 reloads them, and the
