@@ -307,17 +307,10 @@ def test_kvsmooth_strength_reaches_the_init_and_the_baseline(tmp_path):
 def test_a_rotated_student_scored_again_from_student_path_scores_the_same(tmp_path):
     """QAT from QuaRot R1-R4: the saved student, reloaded by `student_path=`, is the trained one (its online
     R3/R4 rebuilt from the saved record; without it the reload scored KL 17 on SmolLM2 in session 24)."""
-    common = ["+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), "init=quarot", "methods.quarot.r3=true",
-              "methods.quarot.r4=true", "quant.kv_placement=post_rope", "logger=none",
-              "evaluate.methods=[qat]", "evaluate.tasks=[kl]"]
-    from conftest import compose
-
-    first = RunContext(validate_config(compose([*common, "stages=[train,evaluate]", "trainer.max_steps=2"])),
-                       tmp_path / "run")
-    run_stages(first)
+    common = ["init=quarot", "methods.quarot.r3=true", "methods.quarot.r4=true", "quant.kv_placement=post_rope",
+              "logger=none", "evaluate.methods=[qat]", "evaluate.tasks=[kl]"]
+    first, _ = _in_process([*common, "stages=[train,evaluate]", "trainer.max_steps=2"], tmp_path)
     assert json.loads((tmp_path / "run" / "student" / "rotation.json").read_text())["r4"] is True
-    again = RunContext(validate_config(compose([*common, "stages=[evaluate]",
-                                                f"student_path={tmp_path / 'run' / 'student'}"])), tmp_path / "again")
-    run_stages(again)
-    kl, kl_again = (load_results(tmp_path / d)["evaluate/qat/kl"] for d in ("run", "again"))
-    assert kl_again == pytest.approx(kl, rel=1e-5)
+    again, _ = _in_process([*common, "stages=[evaluate]", f"student_path={tmp_path / 'run' / 'student'}"],
+                           tmp_path, run="again")
+    assert again["evaluate/qat/kl"] == pytest.approx(first["evaluate/qat/kl"], rel=1e-5)
