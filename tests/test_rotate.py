@@ -313,6 +313,47 @@ def test_r2_is_flagged_where_the_llamacpp_cache_would_undo_it(caplog):
     assert "R2 cancels" not in caplog.text
 
 
+W4A4KV4_POST = QuantConfig(w_bits=4, a_bits=4, kv_bits=4, kv_placement="post_rope")
+
+
+def test_draws_keep_the_sign_draw_whose_quantized_student_is_closest_to_the_teacher():
+    """`methods.quarot.draws=3` tries seeds 2, 1002, 2002 and keeps the one whose RTN student has the lowest KL
+    on the calibration batches: the same KLs as building each seed's `quarot` alone, and its rotation record
+    names the kept seed (so a saved student rebuilds that draw's online R3/R4)."""
+    from qat_lightning.baselines import build_method
+    from qat_lightning.eval.agreement import kl_and_agreement
+
+    teacher = tiny().eval()
+    with torch.no_grad():
+        teacher.model.embed_tokens.weight[:, [3, 17]] *= 20  # outlier channels: the draws quantize differently
+    g = torch.Generator().manual_seed(5)
+    calib = [{"input_ids": torch.randint(0, 256, (2, 24), generator=g)} for _ in range(2)]
+    opts = {"r3": True, "r4": True, "seed": 2}
+    method = build_method("quarot", {**opts, "draws": 3})
+    assert method.draw_seeds() == [2, 1002, 2002] and method.needs_calibration
+    assert not build_method("quarot", opts).needs_calibration
+    alone = {s: build_method("quarot", {**opts, "seed": s}).build(teacher, W4A4KV4_POST) for s in method.draw_seeds()}
+    kl = {s: kl_and_agreement(teacher, student, calib)["kl"] for s, student in alone.items()}
+    assert max(kl.values()) > 1.02 * min(kl.values()), kl  # the draws differ, so picking one means something
+    kept = method.transform(teacher, W4A4KV4_POST, calib)
+    best = min(kl, key=kl.get)
+    assert rotation_of(kept)["seed"] == best, kl
+    student = method.finish_student(quantize_model(kept, W4A4KV4_POST))
+    assert kl_and_agreement(teacher, student, calib)["kl"] == pytest.approx(kl[best], rel=1e-5)
+    assert rel_err(logits(kept), logits(teacher)) < TOL  # still the teacher's FP function
+
+
+def test_draws_are_refused_without_what_ranks_them():
+    from qat_lightning.baselines import build_method
+
+    with pytest.raises(ValueError, match="draws must be >= 1"):
+        build_method("quarot", {"draws": 0})
+    with pytest.raises(ValueError, match="calibration"):
+        build_method("quarot", {"draws": 2}).transform(tiny(), W4A4KV4_POST, None)
+    with pytest.raises(ValueError, match="quant config"):
+        build_method("quarot", {"draws": 2}).transform(tiny(), None, [{"input_ids": IDS}])
+
+
 # ---- SmolLM2-135M -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2():
