@@ -314,3 +314,14 @@ def test_a_rotated_student_scored_again_from_student_path_scores_the_same(tmp_pa
     again, _ = _in_process([*common, "stages=[evaluate]", f"student_path={tmp_path / 'run' / 'student'}"],
                            tmp_path, run="again")
     assert again["evaluate/qat/kl"] == pytest.approx(first["evaluate/qat/kl"], rel=1e-5)
+
+
+def test_init_from_the_best_sign_draw_trains_and_scores_the_draw_it_kept(tmp_path):
+    """`methods.quarot.draws=3` through the run: the init and the `quarot` baseline are the one kept draw (QAT at a
+    vanishing lr scores the baseline's KL), and the saved student's rotation record names that draw's seed."""
+    results, _ = _in_process(["init=quarot", "methods.quarot.r3=true", "methods.quarot.r4=true",
+                              "methods.quarot.draws=3", "quant.kv_placement=post_rope", "logger=none",
+                              "stages=[train,evaluate]", "trainer.max_steps=1", "optim.lr=1e-12",
+                              "evaluate.methods=[quarot,qat]", "evaluate.tasks=[kl]"], tmp_path)
+    assert json.loads((tmp_path / "run" / "student" / "rotation.json").read_text())["seed"] in (0, 1000, 2000)
+    assert results["evaluate/qat/kl"] == pytest.approx(results["evaluate/quarot/kl"], rel=1e-4)
