@@ -128,6 +128,13 @@ def test_ema_student_is_the_average_of_the_trained_weights_and_resumes_exactly(t
                              run="ema_resumed")
     for name, value in _saved_student(resumed.run_dir).items():
         torch.testing.assert_close(value, student[name], rtol=0, atol=1e-6, msg=name)
+    # the raw weights of an EMA run: its last checkpoint, "resumed" without the EMA into another run dir, trains no
+    # step and saves W4 (how a goal run compares EMA with no EMA on one trajectory, docs/BENCHMARKS.md)
+    raw, again = _in_process([*RESUME_COMMON, "trainer.max_steps=4",
+                              f"ckpt_path={ctx.run_dir / 'checkpoints' / 'last.ckpt'}"], tmp_path, run="raw_of_ema")
+    assert raw["train/student/steps"] == 4 and "ema_decay" not in str(raw)
+    for name, w4 in plain[4].items():
+        torch.testing.assert_close(_saved_student(again.run_dir)[name], w4, rtol=0, atol=0, msg=name)
 
 
 def test_ema_is_refused_with_fsdp_at_start_up(tmp_path):
