@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from common import write_json
 
 
 def compose(overrides: list[str]):
@@ -74,11 +75,8 @@ def main() -> int:
         print(key, "order:", [r["seed"] for r in sorted(rows, key=lambda r: r[key])])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"exp": args.exp, "method": args.method, "overrides": args.overrides,
-                                   "calib_batches": len(calib), "heldout_batches": len(heldout), "rows": rows},
-                                  indent=1))
-        tmp.rename(args.json)
+        write_json(args.json, {"exp": args.exp, "method": args.method, "overrides": args.overrides,
+                               "calib_batches": len(calib), "heldout_batches": len(heldout), "rows": rows})
     return 0
 
 
