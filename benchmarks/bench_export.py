@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import load_bench_model
+from common import load_bench_model, write_json
 from torch import nn
 
 from qat_lightning.eval.ppl import perplexity, tokenize_text
@@ -337,7 +337,7 @@ def main() -> None:
     plot(rows, fp_row, budget, Path(args.out))
     print(f"\nplot: {args.out}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"budget": budget, "fp": fp_row, "rows": rows}, indent=1))
+        write_json(args.json, {"budget": budget, "fp": fp_row, "rows": rows})
 
 
 if __name__ == "__main__":

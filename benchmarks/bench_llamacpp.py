@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import KV_BITS, q4_0_config
+from common import KV_BITS, q4_0_config, write_json
 
 from qat_lightning.eval import corpus_ids
 from qat_lightning.eval.ppl import perplexity, token_nll
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {r['file']} | {r['context']} | {r['size_mb']:.1f} | {r['kv_mb']:.1f} | "
                   f"{r['prompt_tok_s']:.0f} | {r['decode_tok_s']:.1f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from qat_lightning.models.smollm2 import smollm2_gguf_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_llamacpp import quality  # noqa: E402
+from common import write_json  # noqa: E402
 
 
 def padded_batches(seqs: list[list[int]], size: int = 4) -> list[dict[str, torch.Tensor]]:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         r["variant"] = args.variant
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":
