@@ -44,7 +44,7 @@ go() {
     rotc_s0) args=("${ROT[@]}" calib_batches=32 "evaluate.methods=[quarot_gptq,qat]") ;;  # GPTQ on 4x the calibration
     q40_s1) args=("${Q40[@]}" seed=1) ;;
     q40_s0) args=("${Q40[@]}") ;;
-    q40_ema) args=("${Q40[@]}" callbacks.ema_decay=0.99 callbacks.ema_start_step=350) ;;  # q40_s0 + EMA
+    q40_ema) args=("${Q40[@]}" callbacks.ema_decay=0.99 callbacks.ema_start_step=350) ;;  # q40_s0 + EMA (on CPU, 2026-12-05: 0.4 ppl worse than raw)
     *) say "unknown run $name"; return ;;
   esac
   OMP_NUM_THREADS=$THREADS python3 -m qat_lightning "${args[@]}" "${COMMON[@]}" hydra.run.dir=/root/runs/$name \
