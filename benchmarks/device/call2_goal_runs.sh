@@ -10,7 +10,7 @@
 set -u
 T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-[ $# -ge 1 ] || { echo "usage: call2_goal_runs.sh RUN [RUN...] (rot_s1 rot_s0 rotc_s1 rotc_s0 rotd_s1 rotd_s0 q40_s1 q40_s0 q40_ema)"; exit 2; }
+[ $# -ge 1 ] || { echo "usage: call2_goal_runs.sh RUN [RUN...] (rot_s1 rot_s0 rotc_s1 rotc_s0 rotd_s1 rotd_s0 q40_s1 q40_s0 q40_lr1 q40_lr3 q40_ema)"; exit 2; }
 [ -f /root/staged ] || { echo "error: call 1 did not stage this machine (or it was given back in between)"; exit 3; }
 export USE_HUB_KERNELS=NO PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 WANDB_MODE=offline QAT_DATA_DIR=$PWD/.gpu2/data QAT_CACHE_DIR=/root/qcache
 CORPUS=data/generated/smollm2-135m/hybrid-41e33420a0
@@ -44,6 +44,8 @@ go() {
     rotc_s0) args=("${ROT[@]}" calib_batches=32 "evaluate.methods=[quarot_gptq,qat]") ;;  # GPTQ on 4x the calibration
     q40_s1) args=("${Q40[@]}" seed=1) ;;
     q40_s0) args=("${Q40[@]}") ;;
+    q40_lr1) args=("${Q40[@]}" optim.lr=1e-4) ;;  # the #15 recipe at half / 1.5x its lr (never swept for Q4_0)
+    q40_lr3) args=("${Q40[@]}" optim.lr=3e-4) ;;
     q40_ema) args=("${Q40[@]}" callbacks.ema_decay=0.99 callbacks.ema_start_step=350) ;;  # q40_s0 + EMA (on CPU, 2026-12-05: 0.4 ppl worse than raw)
     *) say "unknown run $name"; return ;;
   esac
