@@ -33,6 +33,7 @@ def load_bench_model(name: str) -> nn.Module:
 def write_json(path: str | Path, obj) -> None:
     """Write `obj` as JSON under a temporary name, then rename: a killed run leaves no half-written result."""
     tmp = Path(path).with_suffix(".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(obj, indent=1))
     tmp.rename(path)
 

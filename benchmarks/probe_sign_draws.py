@@ -74,7 +74,6 @@ def main() -> int:
     for key in ("calib_kl", "heldout_kl", "wikitext2_ppl"):
         print(key, "order:", [r["seed"] for r in sorted(rows, key=lambda r: r[key])])
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, {"exp": args.exp, "method": args.method, "overrides": args.overrides,
                                "calib_batches": len(calib), "heldout_batches": len(heldout), "rows": rows})
     return 0
