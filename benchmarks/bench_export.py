@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import load_bench_model, write_json
+from common import load_bench_model
 from torch import nn
 
+from qat_lightning.atomic import write_json_atomic
 from qat_lightning.eval.ppl import perplexity, tokenize_text
 from qat_lightning.eval.sources import load_text
 from qat_lightning.export import (
@@ -337,7 +338,7 @@ def main() -> None:
     plot(rows, fp_row, budget, Path(args.out))
     print(f"\nplot: {args.out}")
     if args.json:
-        write_json(args.json, {"budget": budget, "fp": fp_row, "rows": rows})
+        write_json_atomic(args.json, {"budget": budget, "fp": fp_row, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import KV_BITS, q4_0_config, write_json
+from common import KV_BITS, q4_0_config
 
+from qat_lightning.atomic import write_json_atomic
 from qat_lightning.eval import corpus_ids
 from qat_lightning.eval.ppl import perplexity, token_nll
 from qat_lightning.export.gguf import export_gguf
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {r['file']} | {r['context']} | {r['size_mb']:.1f} | {r['kv_mb']:.1f} | "
                   f"{r['prompt_tok_s']:.0f} | {r['decode_tok_s']:.1f} |")
     if args.json:
-        write_json(args.json, rows)
+        write_json_atomic(args.json, rows)
 
 
 if __name__ == "__main__":

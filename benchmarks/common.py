@@ -1,10 +1,9 @@
-"""What the benchmarks share: the embedded SmolLM2-135M or a small random Llama, the llama.cpp Q4_0 preset,
-and writing results."""
+"""What the benchmarks share: the embedded SmolLM2-135M or a small random Llama and the llama.cpp Q4_0 preset.
+(Results are written with `qat_lightning.atomic.write_json_atomic`.)"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from torch import nn
@@ -28,15 +27,6 @@ def load_bench_model(name: str) -> nn.Module:
         model, _ = load_model({"source": "tiny", "hidden_size": 128, "intermediate_size": 352, "num_layers": 4,
                                "num_heads": 4, "num_kv_heads": 2, "vocab_size": 512})
     return model.float()
-
-
-def write_json(path: str | Path, obj) -> None:
-    """Write `obj` as JSON under a temporary name, then rename: a killed run leaves no half-written result."""
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.rename(path)
-
 
 def q4_0_config(kv: str) -> QuantConfig:
     """quant=q4_0 (conf/quant/q4_0.yaml) with the KV cache of `kv`."""

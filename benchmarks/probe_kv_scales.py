@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from qat_lightning.atomic import write_json_atomic
 from qat_lightning.baselines.calibration import attention_heads, decoder_layers
 from qat_lightning.baselines.kv_smooth import kv_smooth_model, scale_query_key
 from qat_lightning.data.shards import read_shard
@@ -34,7 +35,6 @@ from qat_lightning.models.smollm2 import smollm2_gguf_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_llamacpp import quality  # noqa: E402
-from common import write_json  # noqa: E402
 
 
 def padded_batches(seqs: list[list[int]], size: int = 4) -> list[dict[str, torch.Tensor]]:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         r["variant"] = args.variant
     if args.json:
-        write_json(args.json, rows)
+        write_json_atomic(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ import time
 
 import torch
 from bench_train import make_step
-from common import load_bench_model, q4_0_config, write_json
+from common import load_bench_model, q4_0_config
 
+from qat_lightning.atomic import write_json_atomic
 from qat_lightning.baselines.quarot import QuaRot
 from qat_lightning.data.config import GenerationConfig
 from qat_lightning.data.generate import generate_batch
@@ -146,7 +147,7 @@ def main() -> None:
         res[f"projected_min {run}"] = total
         print(f"  {run}: {s:.1f} s a step -> corpus + training ~{total:.0f} min (GPTQ/export/eval not included)")
     if args.json:
-        write_json(args.json, res)
+        write_json_atomic(args.json, res)
 
 
 if __name__ == "__main__":

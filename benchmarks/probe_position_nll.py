@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import write_json
 
+from qat_lightning.atomic import write_json_atomic
 from qat_lightning.eval import corpus_ids
 from qat_lightning.export.llamacpp import llamacpp_logits, load_gguf
 from qat_lightning.models import load_model
@@ -76,7 +76,7 @@ def main() -> int:
             print(f"{Path(f).parent.parent.name}/{Path(f).name} KV {kv}: "
                   + "  ".join(f"{k} {v:.2f}" for k, v in row["ppl"].items()), flush=True)
     if args.json:
-        write_json(args.json, rows)
+        write_json_atomic(args.json, rows)
     return 0
 
 

@@ -24,8 +24,9 @@ import sys
 import time
 
 import torch
-from common import KV_BITS, q4_0_config, write_json
+from common import KV_BITS, q4_0_config
 
+from qat_lightning.atomic import write_json_atomic
 from qat_lightning.eval import corpus_ids
 from qat_lightning.eval.ppl import perplexity
 from qat_lightning.models import load_model
@@ -78,7 +79,7 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.json:
-        write_json(args.json, rows)
+        write_json_atomic(args.json, rows)
     return 0
 
 

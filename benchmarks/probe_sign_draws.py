@@ -19,7 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import write_json
+
+from qat_lightning.atomic import write_json_atomic
 
 
 def compose(overrides: list[str]):
@@ -74,8 +75,8 @@ def main() -> int:
     for key in ("calib_kl", "heldout_kl", "wikitext2_ppl"):
         print(key, "order:", [r["seed"] for r in sorted(rows, key=lambda r: r[key])])
     if args.json:
-        write_json(args.json, {"exp": args.exp, "method": args.method, "overrides": args.overrides,
-                               "calib_batches": len(calib), "heldout_batches": len(heldout), "rows": rows})
+        write_json_atomic(args.json, {"exp": args.exp, "method": args.method, "overrides": args.overrides,
+                                      "calib_batches": len(calib), "heldout_batches": len(heldout), "rows": rows})
     return 0
 
 
