@@ -28,6 +28,7 @@ def load_bench_model(name: str) -> nn.Module:
                                "num_heads": 4, "num_kv_heads": 2, "vocab_size": 512})
     return model.float()
 
+
 def q4_0_config(kv: str) -> QuantConfig:
     """quant=q4_0 (conf/quant/q4_0.yaml) with the KV cache of `kv`."""
     from hydra import compose, initialize_config_dir
