@@ -95,6 +95,22 @@ def test_resume_in_the_middle_of_an_epoch_is_exact(tmp_path):
     assert resumed["train/student/loss"] == pytest.approx(full["train/student/loss"], rel=1e-5, abs=1e-6)
 
 
+def test_resume_mid_epoch_is_exact_when_the_schedule_length_comes_from_the_data(tmp_path):
+    """The recipes' path: `max_epochs` set and `optim.total_steps` unset, so `configure_optimizers` asks Lightning
+    for `estimated_stepping_batches`, which builds the train loader before the checkpoint's loop progress is
+    restored. That loader must not be the one the resumed run trains on, or it replays the epoch from batch 0."""
+    common = [*RESUME_COMMON, "trainer.max_epochs=2", "optim.total_steps=null"]
+    full, _ = _in_process(common, tmp_path, run="full")
+    part, _ = _in_process([*common, "trainer.max_steps=2"], tmp_path, run="resumed")
+    assert part["train/student/steps"] == 2
+    resumed, _ = _in_process([*common, "ckpt_path=last"], tmp_path, run="resumed")
+    assert resumed["train/student/steps"] == 6
+    assert resumed["train/student/loss"] == pytest.approx(full["train/student/loss"], rel=1e-5, abs=1e-6)
+    full_w, resumed_w = _saved_student(tmp_path / "full"), _saved_student(tmp_path / "resumed")
+    for name, w in full_w.items():
+        torch.testing.assert_close(resumed_w[name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _saved_student(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

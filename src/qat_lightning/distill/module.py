@@ -123,7 +123,16 @@ class DistillationModule(L.LightningModule):
     def _total_steps(self) -> int:
         if self.optim_cfg.total_steps:
             return self.optim_cfg.total_steps
-        return max(1, int(self.trainer.estimated_stepping_batches))
+        trainer = self.trainer
+        loader_was_built = trainer.train_dataloader is not None
+        steps = max(1, int(trainer.estimated_stepping_batches))
+        if not loader_was_built and trainer.ckpt_path is not None:
+            # Lightning built the train loader just now, before it restores the checkpoint's loop progress, so
+            # that loader cannot skip what the interrupted epoch trained on and would replay it from batch 0
+            # (it did, in #15's resumed runs). Dropping it makes `fit_loop.setup_data` build it again after the
+            # restore (tests/test_train.py: test_resume_mid_epoch_is_exact_when_the_schedule_length_comes_from_...).
+            trainer.fit_loop._combined_loader = None
+        return steps
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
