@@ -99,7 +99,9 @@ def test_resume_mid_epoch_is_exact_when_the_schedule_length_comes_from_the_data(
     """The recipes' path: `max_epochs` set and `optim.total_steps` unset, so `configure_optimizers` asks Lightning
     for `estimated_stepping_batches`, which builds the train loader before the checkpoint's loop progress is
     restored. That loader must not be the one the resumed run trains on, or it replays the epoch from batch 0."""
-    common = [*RESUME_COMMON, "trainer.max_epochs=2", "optim.total_steps=null"]
+    # the stopped run's schedule is 2 steps long (its max_steps); 3 warmup steps make its two lrs equal the full
+    # run's, as for a run stopped by a signal, so the two runs differ only in where they stop
+    common = [*RESUME_COMMON, "trainer.max_epochs=2", "optim.total_steps=null", "optim.warmup_steps=3"]
     full, _ = _in_process(common, tmp_path, run="full")
     part, _ = _in_process([*common, "trainer.max_steps=2"], tmp_path, run="resumed")
     assert part["train/student/steps"] == 2
