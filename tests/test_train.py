@@ -84,24 +84,18 @@ def test_resume_from_last_reaches_the_same_final_loss(tmp_path):
     assert resumed["train/student/loss"] == pytest.approx(full["train/student/loss"], rel=1e-5, abs=1e-6)
 
 
-def test_resume_in_the_middle_of_an_epoch_is_exact(tmp_path):
-    """Stopped at step 2 of a 3-batch epoch and resumed: the same batches, the same final loss."""
-    common = RESUME_COMMON
-    full, _ = _in_process(common, tmp_path, run="full")
-    part, _ = _in_process([*common, "trainer.max_steps=2"], tmp_path, run="resumed")
-    assert part["train/student/steps"] == 2
-    resumed, _ = _in_process([*common, "ckpt_path=last"], tmp_path, run="resumed")
-    assert resumed["train/student/steps"] == 6
-    assert resumed["train/student/loss"] == pytest.approx(full["train/student/loss"], rel=1e-5, abs=1e-6)
+# The recipes' path: `max_epochs` set and `optim.total_steps` unset, so `configure_optimizers` asks Lightning for
+# `estimated_stepping_batches`, which builds the train loader before the checkpoint's loop progress is restored;
+# that loader must not be the one the resumed run trains on, or it replays the epoch from batch 0 (it did until
+# 2026-12-06). The stopped run's own schedule is then 2 steps long (its max_steps); 3 warmup steps make its two
+# lrs equal the full run's, as for a run stopped by a signal.
+SCHEDULE_FROM_THE_DATA = ["trainer.max_epochs=2", "optim.total_steps=null", "optim.warmup_steps=3"]
 
 
-def test_resume_mid_epoch_is_exact_when_the_schedule_length_comes_from_the_data(tmp_path):
-    """The recipes' path: `max_epochs` set and `optim.total_steps` unset, so `configure_optimizers` asks Lightning
-    for `estimated_stepping_batches`, which builds the train loader before the checkpoint's loop progress is
-    restored. That loader must not be the one the resumed run trains on, or it replays the epoch from batch 0."""
-    # the stopped run's schedule is 2 steps long (its max_steps); 3 warmup steps make its two lrs equal the full
-    # run's, as for a run stopped by a signal, so the two runs differ only in where they stop
-    common = [*RESUME_COMMON, "trainer.max_epochs=2", "optim.total_steps=null", "optim.warmup_steps=3"]
+@pytest.mark.parametrize("schedule", [[], SCHEDULE_FROM_THE_DATA], ids=["total_steps_set", "schedule_from_the_data"])
+def test_resume_in_the_middle_of_an_epoch_is_exact(tmp_path, schedule):
+    """Stopped at step 2 of a 3-batch epoch and resumed: the same batches, the same final loss and weights."""
+    common = [*RESUME_COMMON, *schedule]
     full, _ = _in_process(common, tmp_path, run="full")
     part, _ = _in_process([*common, "trainer.max_steps=2"], tmp_path, run="resumed")
     assert part["train/student/steps"] == 2

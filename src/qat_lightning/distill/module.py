@@ -130,7 +130,7 @@ class DistillationModule(L.LightningModule):
             # Lightning built the train loader just now, before it restores the checkpoint's loop progress, so
             # that loader cannot skip what the interrupted epoch trained on and would replay it from batch 0
             # (it did, in #15's resumed runs). Dropping it makes `fit_loop.setup_data` build it again after the
-            # restore (tests/test_train.py: test_resume_mid_epoch_is_exact_when_the_schedule_length_comes_from_...).
+            # restore (tests/test_train.py::test_resume_in_the_middle_of_an_epoch_is_exact[schedule_from_the_data]).
             trainer.fit_loop._combined_loader = None
         return steps
 
