@@ -424,3 +424,57 @@ def test_scale_lr_gives_the_learned_scales_their_own_param_group():
     assert len(scales["params"]) == 14 and all(p.dim() == 3 for p in scales["params"])
     with pytest.raises(ValueError, match="scale_lr"):
         OptimConfig(scale_lr=0.0)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_scale_gradient_reaches_the_value_that_sets_the_block_scale(qtype):
+    """`scale_grad`: forward bit for bit the STE quantizer's; backward autograd's of ``fp16(d) * q`` with the
+    rounding straight through and ``d`` the format's function of the block (m / -8, max|x| / 127), in float64."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 96, generator=g) * torch.tensor([0.01, 1.0, 30.0, 1.0])[:, None]
+    x[3, :32] = 0  # a zero block: d = 0, the gradient stays straight through
+    x[1, 40] = 9.0  # an outlier sets its block's scale
+    w = torch.randn(4, 96, generator=g)
+    xs = x.clone().requires_grad_()
+    y = fake_quantize(xs, _spec(qtype, scale_grad=True))
+    assert torch.equal(y, fake_quantize(x, _spec(qtype)))
+    (y * w).sum().backward()
+
+    xr = ggml.blocks_of(x.double()).requires_grad_()
+    imax = xr.detach().abs().argmax(-1, keepdim=True)
+    d = xr.gather(-1, imax) / -8 if qtype == "q4_0" else xr.abs().amax(-1, keepdim=True) / 127
+    t = xr / torch.where(d == 0, torch.ones_like(d), d)
+    q = ggml.blocks_of(ggml.quantize_blocks(x, qtype)[0].double().flatten(-2))
+    ((d * (t + (q - t).detach())).flatten(-2) * w.double()).sum().backward()
+    nonzero = x.view(4, 3, 32).abs().amax(-1, keepdim=True).expand(4, 3, 32).reshape(4, 96) > 0
+    torch.testing.assert_close(xs.grad.double()[nonzero], xr.grad.flatten(-2)[nonzero], rtol=1e-5, atol=1e-6)
+    assert torch.equal(xs.grad[3, :32], w[3, :32])  # (the reference's guarded d = 0 is no reference there)
+    others = torch.ones_like(x, dtype=torch.bool)
+    others.view(4, 3, 32).scatter_(-1, imax, False)
+    assert torch.equal(xs.grad[others], w[others])  # only the block extremes get more than the STE
+    assert not torch.equal(xs.grad, w)
+
+
+def test_kv_scale_grad_changes_the_students_gradient_not_its_logits():
+    """quant.kv_scale_grad on the q4_0-KV preset: the same logits, another gradient (through the KV scales);
+    refused where the KV quantizer is not llama.cpp's."""
+    from dataclasses import replace
+
+    model = _tiny(tie=True)
+    ids = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(0))
+    base = _preset("q4_0_kv4")
+    assert base.kv_spec("x.k_proj", 64).scale_grad is False
+    grads, logits = [], []
+    for cfg in (base, replace(base, kv_scale_grad=True)):
+        student = quantize_model(model, cfg)
+        out = student(ids).logits
+        out.logsumexp(-1).sum().backward()
+        logits.append(out.detach())
+        grads.append(student.model.layers[0].self_attn.k_proj.weight.grad.clone())
+    assert replace(base, kv_scale_grad=True).kv_spec("x.v_proj", 64).scale_grad
+    assert torch.equal(logits[0], logits[1])
+    assert not torch.allclose(grads[0], grads[1])
+    with pytest.raises(ValueError, match="kv_scale_grad needs estimator 'ggml'"):
+        QuantConfig(kv_scale_grad=True)
+    with pytest.raises(ValueError, match="scale_grad"):
+        QuantSpec(bits=4, granularity="group", group_size=32, scale_grad=True)

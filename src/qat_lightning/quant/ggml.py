@@ -145,6 +145,44 @@ class _GGMLFakeQuantizeSTE(torch.autograd.Function):
         return grad, None, None, None
 
 
+class _GGMLFakeQuantizeScaleGrad(torch.autograd.Function):
+    """llama.cpp's round trip under its own scale, with the gradient also flowing through that scale.
+
+    Why: the plain STE treats ``d`` as a constant, so a student never learns that one large value spoils the
+    other 31 of its block (``d`` is set by the block's largest value). Here, with ``t = x / d``, ``q`` the
+    code and ``g`` the incoming gradient: ``d/dx = g`` straight through the rounding (as the STE), plus, at
+    the block's largest value ``x_m``, ``dd/dx_m * sum(g * (q - t))`` over the block (LSQ's gradient on the
+    step, chained to the value that sets it): ``dd/dx_m = -1/8`` (Q4_0, ``d = m / -8``) and
+    ``sign(x_m) / 127`` (Q8_0, ``d = max|x| / 127``). The fp16 rounding of ``d`` passes straight through.
+    Forward is bit for bit `_GGMLFakeQuantizeSTE`'s.
+    """
+
+    @staticmethod
+    def forward(ctx, x, qtype, ste_mask):
+        xb = blocks_of(x.float())  # (..., nb, 32)
+        imax = xb.abs().argmax(dim=-1, keepdim=True)  # (..., nb, 1), the index ggml_scale reads
+        d = ggml_scale(xb, qtype)
+        q = ggml_codes(xb, d, qtype)
+        ctx.save_for_backward(x, imax)
+        ctx.qtype, ctx.ste_mask = qtype, ste_mask
+        return (d.to(torch.float16).float() * q).reshape(x.shape).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, imax = ctx.saved_tensors
+        xb = blocks_of(x.float())
+        d = ggml_scale(xb, ctx.qtype)
+        t = xb * torch.where(d == 0, torch.zeros_like(d), 1 / d)  # a zero block stays zero
+        q = round_ratio(t, ctx.qtype)
+        g = blocks_of(grad.float())
+        grad_d = ((q - t) * g).sum(dim=-1, keepdim=True)  # (..., nb, 1)
+        x_m = xb.gather(-1, imax)
+        dd_dxm = torch.full_like(x_m, -1 / 8) if ctx.qtype == "q4_0" else torch.sign(x_m) / 127
+        gx = g if ctx.ste_mask is None else g * (xb.abs() < ctx.ste_mask)
+        gx = gx.scatter_add(-1, imax, grad_d * dd_dxm)
+        return gx.reshape(x.shape).to(x.dtype), None, None
+
+
 class _GGMLLearnedScale(torch.autograd.Function):
     """llama.cpp's round trip under a learned block scale `d` (LSQ, Esser et al. 2020), in the same grid.
 
@@ -185,13 +223,20 @@ def fake_quantize_ggml(
     ste_mask: float | None = None,
     d: torch.Tensor | None = None,
     learnable: bool = False,
+    scale_grad: bool = False,
 ) -> torch.Tensor:
     """`x` (..., n) through llama.cpp's `qtype` round trip, in x's dtype and shape (computed in float32).
 
     `d` (float32 (..., nb, 1)) replaces the format's scale: a constant (calibrated, gradient STE), or with
     `learnable` a learned step that receives the LSQ gradient (grad scale ``1/sqrt(32 * qmax)``, per block).
+    `scale_grad` (format's own scale only) also sends the gradient through ``d`` to the block's largest value
+    (`_GGMLFakeQuantizeScaleGrad`).
     """
     _check_type(qtype)
+    if scale_grad:
+        if d is not None or learnable:
+            raise ValueError("fake_quantize_ggml: scale_grad is for the format's own scale (no d, not learnable)")
+        return _GGMLFakeQuantizeScaleGrad.apply(x, qtype, ste_mask)
     if learnable:
         if d is None:
             raise ValueError("fake_quantize_ggml: learnable=True needs the learned scale d")

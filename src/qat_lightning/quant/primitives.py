@@ -172,7 +172,8 @@ def _from_ggml_order(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 def _ggml_fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None) -> torch.Tensor:
     """llama.cpp's round trip of `x` (scale: an optional float32 d broadcasting against the group view)."""
     learn = spec.learnable and scale is not None
-    y = ggml.fake_quantize_ggml(_to_ggml_order(x, spec), spec.ggml_type, spec.ste_mask, d=scale, learnable=learn)
+    y = ggml.fake_quantize_ggml(_to_ggml_order(x, spec), spec.ggml_type, spec.ste_mask, d=scale, learnable=learn,
+                                scale_grad=spec.scale_grad and scale is None)
     return _from_ggml_order(y, spec)
 
 

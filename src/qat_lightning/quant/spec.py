@@ -76,6 +76,8 @@ class QuantSpec:
         hadamard: with "ggml", rotate chunks of this size (a power of two) of the last dim by a Walsh-Hadamard
             matrix before the blocks and back after (in llama.cpp's order when `rope_head_dim` is set):
             llama.cpp's rotation of a quantized KV cache (see `quant/ggml.py`).
+        scale_grad: with "ggml", the gradient also flows through the block scale ``d`` to the block's
+            largest value (which sets it), not only straight through the rounding; forward unchanged.
     """
 
     bits: int
@@ -90,6 +92,7 @@ class QuantSpec:
     learnable: bool = False
     rope_head_dim: int | None = None
     hadamard: int | None = None
+    scale_grad: bool = False
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "bits")
@@ -134,6 +137,9 @@ class QuantSpec:
                 raise ValueError("rope_head_dim (llama.cpp's key order) needs estimator 'ggml'")
             if self.rope_head_dim < 2 or self.rope_head_dim % 2:
                 raise ValueError(f"rope_head_dim must be a positive even head size, got {self.rope_head_dim}")
+        if self.scale_grad and (self.estimator != "ggml" or self.learnable):
+            raise ValueError("scale_grad (a gradient through llama.cpp's block scale) needs estimator 'ggml' "
+                             "and a scale that is not learned (learnable=False)")
         if self.hadamard is not None:
             if self.estimator != "ggml":
                 raise ValueError("hadamard (llama.cpp's KV rotation) needs estimator 'ggml'")
@@ -206,6 +212,9 @@ class QuantConfig:
     # with the "ggml" estimator: emulate llama.cpp's Walsh-Hadamard rotation of a quantized KV cache (on in
     # llama.cpp for head dims divisible by 64 unless LLAMA_ATTN_ROT_DISABLE=1; false to match that setting)
     kv_hadamard: bool = True
+    # with the "ggml" estimator: let the KV cache's gradient flow through each block's scale to the value that
+    # sets it (QuantSpec.scale_grad), so the student can learn keys and values that quantize well
+    kv_scale_grad: bool = False
     symmetric: bool = True
     w_symmetric: bool | None = None
     a_symmetric: bool | None = None
@@ -232,6 +241,8 @@ class QuantConfig:
             raise ValueError(f"kv_granularity must be tensor, token, head or group, got {self.kv_granularity!r}")
         if self.kv_placement not in KV_PLACEMENTS:
             raise ValueError(f"kv_placement must be one of {', '.join(KV_PLACEMENTS)}, got {self.kv_placement!r}")
+        if self.kv_scale_grad and self.estimator != "ggml":
+            raise ValueError(f"kv_scale_grad needs estimator 'ggml' (llama.cpp's block scale), got {self.estimator!r}")
         if self.w_estimator is not None and self.w_estimator not in ESTIMATORS:
             raise ValueError(f"unknown w_estimator {self.w_estimator!r}; expected one of {ESTIMATORS} or null")
         if self.estimator == "seq":
@@ -329,6 +340,7 @@ class QuantConfig:
             group_size=self.kv_group_size if group else None,
             rope_head_dim=head_dim if ggml_kv and is_key else None,
             hadamard=rot,
+            scale_grad=self.kv_scale_grad,
             narrow_range=self.narrow_range,
             estimator=self.estimator,
             clip_percentile=self.clip_percentile,
