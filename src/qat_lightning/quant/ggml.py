@@ -163,15 +163,14 @@ class _GGMLFakeQuantizeScaleGrad(torch.autograd.Function):
         imax = xb.abs().argmax(dim=-1, keepdim=True)  # (..., nb, 1), the index ggml_scale reads
         d = ggml_scale(xb, qtype)
         q = ggml_codes(xb, d, qtype)
-        ctx.save_for_backward(x, imax)
+        ctx.save_for_backward(x, imax, d)  # d: one float per block, kept rather than searched for again
         ctx.qtype, ctx.ste_mask = qtype, ste_mask
         return (d.to(torch.float16).float() * q).reshape(x.shape).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, imax = ctx.saved_tensors
+        x, imax, d = ctx.saved_tensors
         xb = blocks_of(x.float())
-        d = ggml_scale(xb, ctx.qtype)
         t = xb * torch.where(d == 0, torch.zeros_like(d), 1 / d)  # a zero block stays zero
         q = round_ratio(t, ctx.qtype)
         g = blocks_of(grad.float())
