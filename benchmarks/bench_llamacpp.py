@@ -3,7 +3,7 @@
 Files (written once into --work, default /tmp/qat_llamacpp): `f16` (the teacher, `export_gguf(dtype="f16")`),
 `q8_0` and `q4_0` (llama.cpp's own post-training quantization of `f16`, `llama_model_quantize`), `rtn_q4_0`
 (our round-to-nearest student of quant=q4_0: the student's codes written as they are) and, with --student,
-a trained student's GGUF.
+trained students' GGUFs (several in one table share the teacher's logits: rows `student:<run dir>`).
 
 Speed (default): prompt tokens/s (one batch of `context - n_gen` tokens) and decode tokens/s (batch 1,
 greedy, `n_gen` tokens ending at `context`) for F16, Q8_0, Q4_0 and Q4_0 + q4_0 KV at --contexts, run
@@ -12,11 +12,14 @@ file size and KV-cache bytes at each context.
 
 Quality (--quality): WikiText-2 perplexity from llama.cpp's logits on our harness' windows (seq 512, first 16),
 KL(teacher‖engine) and top-1 agreement against the fp32 teacher in PyTorch, for every file with KV f16 /
-q8_0 / q4_0; with --harness also our PyTorch fake-quant student's perplexity for the same setting.
+q8_0 / q4_0; with --harness also our PyTorch fake-quant student's perplexity for the same setting. The JSON rows
+keep each window's NLL, so `benchmarks/compare_windows.py` can pair two files window by window.
 
     python benchmarks/bench_llamacpp.py                      # speed table (make bench)
     python benchmarks/bench_llamacpp.py --quality --harness  # the perplexity table of docs/BENCHMARKS.md
     python benchmarks/bench_llamacpp.py --quality --student run/export/model.gguf
+    python benchmarks/bench_llamacpp.py --quality --files student --kv q8_0 --windows 64 \
+        --student a/export/model.gguf b/export/model.gguf   # rows student:a, student:b
     python benchmarks/bench_llamacpp.py --quality --rotate 0 --files rot_q4_0 rot_rtn_q4_0   # R1+R2 first (#17)
 """
 
@@ -57,7 +60,14 @@ SPEED_ROWS = [  # (row, file, KV type); "ours": our RTN student's GGUF (same ten
 
 
 
-def build_files(work: Path, teacher: torch.nn.Module, tokenizer, student_gguf: str | None) -> dict[str, Path]:
+def student_label(path: str, many: bool) -> str:
+    """Row name of a student file: `student`, or `student:<run dir>` when several are scored in one table."""
+    p = Path(path)
+    run = p.parent.parent.name if p.parent.name == "export" else p.stem
+    return f"student:{run}" if many else "student"
+
+
+def build_files(work: Path, teacher: torch.nn.Module, tokenizer, student_ggufs: list[str] | None) -> dict[str, Path]:
     """The GGUF files of the table, written once into `work` (reused when present)."""
     work.mkdir(parents=True, exist_ok=True)
     files = {"f16": work / "smollm2-f16.gguf", "q8_0": work / "smollm2-q8_0.gguf", "q4_0": work / "smollm2-q4_0.gguf",
@@ -71,8 +81,11 @@ def build_files(work: Path, teacher: torch.nn.Module, tokenizer, student_gguf: s
     if not files["rtn_q4_0"].exists():
         student = quantize_model(teacher, q4_0_config("q8_0"))
         print("export rtn q4_0:", export_gguf(student, tokenizer, files["rtn_q4_0"], source_gguf=source), flush=True)
-    if student_gguf:
-        files["student"] = Path(student_gguf)
+    for path in student_ggufs or []:
+        label = student_label(path, len(student_ggufs) > 1)
+        if label in files:
+            raise SystemExit(f"bench_llamacpp: two --student files are both named {label!r}; rename a run dir")
+        files[label] = Path(path)
     return files
 
 
@@ -137,15 +150,16 @@ def quality(files: dict[str, Path], teacher, tokenizer, harness: bool, threads: 
         return cache[key]
 
     rows = []
-    order = ("f16", "q4_0", "rtn_q4_0", "rot_f16", "rot_q4_0", "rot_rtn_q4_0", "student")
-    for name in [n for n in order if n in files and (not names or n in names)]:
+    order = ("f16", "q4_0", "rtn_q4_0", "rot_f16", "rot_q4_0", "rot_rtn_q4_0")
+    students = [n for n in files if n.split(":")[0] == "student"]  # in the order given on the command line
+    for name in [n for n in (*order, *students) if n in files and (not names or n.split(":")[0] in names)]:
         for kv in kv_types or list(KV_BITS):
             t0 = time.perf_counter()
             llm = load_gguf(files[name], n_ctx=seq_len, kv_type=kv, n_threads=threads)
             r = score_windows(llm, w, teacher_fn)
             llm.close()
             row = {"file": name, "kv": kv, "ppl": r["ppl"], "kl": r["kl"], "top1": r["top1_agreement"],
-                   "seconds": time.perf_counter() - t0}
+                   "seconds": time.perf_counter() - t0, "path": str(files[name]), "window_nll": r["window_nll"]}
             if harness and name == "rtn_q4_0":  # the same student in PyTorch: its perplexity, and llama.cpp vs it
                 student_fn, nll = logits_fn(quantize_model(teacher, q4_0_config(kv))), []
 
@@ -171,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", default="/tmp/qat_llamacpp")
     p.add_argument("--quality", action="store_true", help="the perplexity/KL table instead of speed")
     p.add_argument("--harness", action="store_true", help="with --quality: also our PyTorch harness' perplexity")
-    p.add_argument("--student", default=None, help="a trained student's GGUF to add to the quality table")
+    p.add_argument("--student", nargs="+", default=None,
+                   help="trained students' GGUFs to add to the quality table (several: rows student:<run dir>)")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--n-gen", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)

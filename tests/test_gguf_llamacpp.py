@@ -39,6 +39,7 @@ from qat_lightning.export.llamacpp import (  # noqa: E402
     llamacpp_scores,
     llamacpp_speed,
     load_gguf,
+    score_windows,
 )
 from qat_lightning.models import build_tiny_config, build_tiny_model  # noqa: E402
 from qat_lightning.models.smollm2 import smollm2_gguf_path  # noqa: E402
@@ -213,6 +214,25 @@ def test_scores_use_the_harness_windows_and_speed_is_measured(tiny_files, tmp_pa
     assert s["prompt_tokens"] == 56 and s["decode_tokens_per_s"] > 0 and s["prompt_tokens_per_s"] > 0
     assert kv_cache_bytes(512, 30, 3, 64, "q4_0") == 2 * 30 * 512 * 6 * 18  # 18 bytes per block of 32
     assert kv_cache_bytes(512, 30, 3, 64, "f16") == 2 * 30 * 512 * 192 * 2
+
+
+def test_per_window_nll_is_the_teachers_window_by_window(tiny_files):
+    """`window_nll` (what benchmarks/compare_windows.py pairs) must be each window's own NLL, in window order."""
+    from qat_lightning.eval.ppl import token_nll
+
+    model, root = tiny_files
+    windows = torch.randint(0, model.config.vocab_size, (4, 48), generator=torch.Generator().manual_seed(3))
+    llm = load_gguf(root / "f16.gguf", n_ctx=64)
+    try:
+        r = score_windows(llm, windows)
+    finally:
+        llm.close()
+    with torch.inference_mode():
+        ref = token_nll(model(input_ids=windows).logits, windows).double().mean(-1)  # (4,)
+    assert len(r["window_nll"]) == 4 and r["num_tokens"] == 4 * 47
+    assert torch.tensor(r["window_nll"]) == pytest.approx(ref, rel=1e-3)
+    assert sum(r["window_nll"]) / 4 == pytest.approx(r["nll"], rel=1e-12)
+    assert max(ref) - min(ref) > 1e-2  # the windows differ, so a shuffled order would fail
 
 
 @pytest.mark.slow

@@ -171,25 +171,30 @@ def logits_fn(teacher: torch.nn.Module | TeacherFn | None) -> TeacherFn | None:
 
 def score_windows(
     llm: Any, windows: torch.Tensor, teacher: torch.nn.Module | TeacherFn | None = None
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """NLL / perplexity of llama.cpp on windows (N, T); with a teacher also KL(teacher‖llama.cpp) and top-1.
 
     Token conventions are `eval.ppl`'s (T-1 predicted tokens per window) and `eval.agreement`'s
-    (KL and agreement over all T positions of each window).
+    (KL and agreement over all T positions of each window). ``window_nll`` keeps each window's mean NLL, so
+    two files scored on the same windows can be compared pair by pair (a standard error over windows).
     """
     teacher = logits_fn(teacher)
     nll_sum, kl_sum, agree, n_pos = 0.0, 0.0, 0, 0
+    window_nll: list[float] = []
     for w in windows:
         logits = llamacpp_logits(llm, w)  # (T, V)
         logp = F.log_softmax(logits, dim=-1)
-        nll_sum += -logp[:-1].gather(-1, w[1:, None]).double().sum().item()
+        nll = -logp[:-1].gather(-1, w[1:, None]).double().sum().item()
+        nll_sum += nll
+        window_nll.append(nll / (w.numel() - 1))
         if teacher is not None:
             t_logp = F.log_softmax(teacher(w[None])[0].float(), dim=-1)  # (T, V)
             kl_sum += (t_logp.exp() * (t_logp - logp)).sum(-1).double().sum().item()
             agree += int((t_logp.argmax(-1) == logp.argmax(-1)).sum())
             n_pos += w.numel()
     num_tokens = windows.shape[0] * (windows.shape[1] - 1)
-    out = {"nll": nll_sum / num_tokens, "num_tokens": num_tokens, "num_windows": windows.shape[0]}
+    out: dict[str, Any] = {"nll": nll_sum / num_tokens, "num_tokens": num_tokens, "num_windows": windows.shape[0],
+                           "window_nll": window_nll}
     out["ppl"] = math.exp(out["nll"])
     if teacher is not None:
         out["kl"], out["top1_agreement"] = kl_sum / n_pos, agree / n_pos
