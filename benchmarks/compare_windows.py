@@ -9,6 +9,10 @@ windows' standard error (every window holds the same number of tokens, so the me
 token mean that perplexity uses).
 
     python benchmarks/compare_windows.py rows.json [more.json ...] --ref student:q40_minlr0_amd
+    python benchmarks/compare_windows.py rows.json --ref q4_0 --windows 16 64   # only windows 16..63
+
+`--windows 16 64` leaves out the first 16 windows, the ones every table here reports: a file picked for its
+score there is judged again on windows that played no part in picking it.
 """
 
 from __future__ import annotations
@@ -32,8 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("rows", nargs="+", help="JSON files written by bench_llamacpp.py --quality --json")
     p.add_argument("--ref", required=True, help="the `file` name of the reference row (e.g. q4_0, student:<run>)")
+    p.add_argument("--windows", type=int, nargs=2, default=None, metavar=("START", "END"),
+                   help="only windows START..END-1 (default: all the rows hold)")
     args = p.parse_args(argv)
     rows = [r for path in args.rows for r in json.load(open(path))]
+    if args.windows:
+        start, end = args.windows
+        short = sorted({r["file"] for r in rows if len(r.get("window_nll", [])) < end})
+        if start < 0 or end <= start + 1 or short:
+            print(f"compare_windows: --windows {start} {end} is not a range of >= 2 windows every row holds"
+                  f"{' (short rows: ' + ', '.join(short) + ')' if short else ''}", file=sys.stderr)
+            return 2
+        rows = [{**r, "window_nll": r["window_nll"][start:end]} for r in rows]
     missing = [r["file"] for r in rows if "window_nll" not in r]
     if missing:
         print(f"compare_windows: rows without per-window NLL (scored before 2026-12-06?): {sorted(set(missing))}",
