@@ -60,14 +60,26 @@ SPEED_ROWS = [  # (row, file, KV type); "ours": our RTN student's GGUF (same ten
 
 
 
-def student_label(path: str, many: bool) -> str:
-    """Row name of a student file: `student`, or `student:<run dir>` when several are scored in one table."""
-    p = Path(path)
-    run = p.parent.parent.name if p.parent.name == "export" else p.stem
-    return f"student:{run}" if many else "student"
+def student_files(paths: list[str] | None) -> dict[str, Path]:
+    """Rows for --student files: `student`, or `student:<run dir>` each when several share one table.
+
+    Checked before the teacher is loaded: a missing file or two files of one name stop the run at once.
+    """
+    def label(p: Path) -> str:
+        return "student:" + (p.parent.parent.name if p.parent.name == "export" else p.stem)
+
+    files: dict[str, Path] = {}
+    for path in map(Path, paths or []):
+        name = label(path) if len(paths) > 1 else "student"
+        if not path.is_file():
+            raise SystemExit(f"bench_llamacpp: --student {path}: no such file")
+        if name in files:
+            raise SystemExit(f"bench_llamacpp: two --student files are both named {name!r}; rename a run dir")
+        files[name] = path
+    return files
 
 
-def build_files(work: Path, teacher: torch.nn.Module, tokenizer, student_ggufs: list[str] | None) -> dict[str, Path]:
+def build_files(work: Path, teacher: torch.nn.Module, tokenizer, students: dict[str, Path]) -> dict[str, Path]:
     """The GGUF files of the table, written once into `work` (reused when present)."""
     work.mkdir(parents=True, exist_ok=True)
     files = {"f16": work / "smollm2-f16.gguf", "q8_0": work / "smollm2-q8_0.gguf", "q4_0": work / "smollm2-q4_0.gguf",
@@ -81,12 +93,7 @@ def build_files(work: Path, teacher: torch.nn.Module, tokenizer, student_ggufs: 
     if not files["rtn_q4_0"].exists():
         student = quantize_model(teacher, q4_0_config("q8_0"))
         print("export rtn q4_0:", export_gguf(student, tokenizer, files["rtn_q4_0"], source_gguf=source), flush=True)
-    for path in student_ggufs or []:
-        label = student_label(path, len(student_ggufs) > 1)
-        if label in files:
-            raise SystemExit(f"bench_llamacpp: two --student files are both named {label!r}; rename a run dir")
-        files[label] = Path(path)
-    return files
+    return {**files, **students}
 
 
 def build_rotated_files(work: Path, teacher: torch.nn.Module, tokenizer, seed: int) -> dict[str, Path]:
@@ -152,7 +159,8 @@ def quality(files: dict[str, Path], teacher, tokenizer, harness: bool, threads: 
     rows = []
     order = ("f16", "q4_0", "rtn_q4_0", "rot_f16", "rot_q4_0", "rot_rtn_q4_0")
     students = [n for n in files if n.split(":")[0] == "student"]  # in the order given on the command line
-    for name in [n for n in (*order, *students) if n in files and (not names or n.split(":")[0] in names)]:
+    for name in [n for n in (*order, *students) if n in files
+                 and (not names or n in names or n.split(":")[0] in names)]:  # `student` picks every student
         for kv in kv_types or list(KV_BITS):
             t0 = time.perf_counter()
             llm = load_gguf(files[name], n_ctx=seq_len, kv_type=kv, n_threads=threads)
@@ -204,9 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     if not llamacpp_available():
         print("bench_llamacpp: llama-cpp-python is not installed (pip install -e '.[engine]'); skipped")
         return
+    students = student_files(args.student)
     torch.set_num_threads(args.threads)
     teacher, tokenizer = load_model({"source": "smollm2"})
-    files = build_files(Path(args.work), teacher, tokenizer, args.student)
+    files = build_files(Path(args.work), teacher, tokenizer, students)
     if args.rotate is not None:
         files.update(build_rotated_files(Path(args.work), teacher, tokenizer, args.rotate))
     if args.quality:

@@ -40,19 +40,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="only windows START..END-1 (default: all the rows hold)")
     args = p.parse_args(argv)
     rows = [r for path in args.rows for r in json.load(open(path))]
-    if args.windows:
-        start, end = args.windows
-        short = sorted({r["file"] for r in rows if len(r.get("window_nll", [])) < end})
-        if start < 0 or end <= start + 1 or short:
-            print(f"compare_windows: --windows {start} {end} is not a range of >= 2 windows every row holds"
-                  f"{' (short rows: ' + ', '.join(short) + ')' if short else ''}", file=sys.stderr)
-            return 2
-        rows = [{**r, "window_nll": r["window_nll"][start:end]} for r in rows]
     missing = [r["file"] for r in rows if "window_nll" not in r]
     if missing:
         print(f"compare_windows: rows without per-window NLL (scored before 2026-12-06?): {sorted(set(missing))}",
               file=sys.stderr)
         return 2
+    if args.windows:
+        start, end = args.windows
+        short = sorted({r["file"] for r in rows if len(r["window_nll"]) < end})
+        if start < 0 or end <= start + 1 or short:
+            print(f"compare_windows: --windows {start} {end} is not a range of >= 2 windows every row holds"
+                  f"{' (short rows: ' + ', '.join(short) + ')' if short else ''}", file=sys.stderr)
+            return 2
+        rows = [{**r, "window_nll": r["window_nll"][start:end]} for r in rows]
     refs = {r["kv"]: r for r in rows if r["file"] == args.ref}
     if not refs:
         print(f"compare_windows: no row named {args.ref!r}; rows: {sorted({r['file'] for r in rows})}", file=sys.stderr)

@@ -42,6 +42,8 @@ def test_rows_without_window_nll_or_too_few_windows_are_refused(tmp_path):
     rows = [{"file": "a", "kv": "q8_0", "window_nll": [3.0, 3.1]}, {"file": "b", "kv": "q8_0", "ppl": 20.0}]
     proc = _run(tmp_path, rows, "--ref", "a")
     assert proc.returncode == 2 and "without per-window NLL" in proc.stderr
+    proc = _run(tmp_path, rows, "--ref", "a", "--windows", "0", "2")  # the missing NLL is named, not the range
+    assert proc.returncode == 2 and "without per-window NLL" in proc.stderr
     proc = _run(tmp_path, rows[:1], "--ref", "a", "--windows", "0", "5")
     assert proc.returncode == 2 and "not a range" in proc.stderr
     proc = _run(tmp_path, rows[:1], "--ref", "zzz")
