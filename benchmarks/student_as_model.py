@@ -24,7 +24,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("base", type=Path, help="the HF folder of the model the run started from (config, tokenizer)")
     p.add_argument("out", type=Path, help="the HF folder to write (must not exist)")
     args = p.parse_args(argv)
-    quant = json.loads((args.student / "quant_config.json").read_text())
+    from qat_lightning.distill.student_io import STUDENT_QUANT, STUDENT_ROTATION, STUDENT_WEIGHTS, check_saved_student
+
+    try:
+        check_saved_student(args.student)
+    except FileNotFoundError as err:
+        print(f"student_as_model: {err}", file=sys.stderr)
+        return 2
+    if not (args.base / "config.json").is_file():
+        print(f"student_as_model: {args.base} holds no HF model (no config.json)", file=sys.stderr)
+        return 2
+    if (args.student / STUDENT_ROTATION).exists():
+        print(f"student_as_model: {args.student} needs online rotations (R3/R4) that an HF folder cannot hold",
+              file=sys.stderr)
+        return 2
+    quant = json.loads((args.student / STUDENT_QUANT).read_text())
     quantized = [k for k in ("w_bits",) if quant.get(k, 16) < 16] + [o["pattern"] for o in quant.get("overrides", [])
                                                                     if o.get("w_bits", 16) < 16]
     if quantized or quant.get("quantize_embeddings") or quant.get("quantize_lm_head"):
@@ -39,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
-    state = load_file(args.student / "student.safetensors")
+    state = load_file(args.student / STUDENT_WEIGHTS)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
     if missing or unexpected:

@@ -45,3 +45,8 @@ def test_a_student_with_quantized_weights_is_refused(tmp_path, base):
     student = save_student(base.state_dict(), QuantConfig(w_bits=4, a_bits=8, kv_bits=4), tmp_path / "student")
     proc = _run(student, tmp_path / "base", tmp_path / "hf")
     assert proc.returncode == 2 and "quantized weights" in proc.stderr and not (tmp_path / "hf").exists()
+
+
+def test_a_folder_that_is_no_student_is_refused_in_one_line(tmp_path, base):
+    proc = _run(tmp_path / "nowhere", tmp_path / "base", tmp_path / "hf")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
