@@ -1,6 +1,6 @@
 """Is a lower WikiText-2 perplexity a sharper model or a better fit? Entropy beside NLL, on the harness's windows.
 
-Why: in #15 a float model trained only through llama.cpp's q4_0 KV cache (`outputs/f16_kv4_amd`) scored 1.3-1.7 %
+Why: in #15 a float model trained only through llama.cpp's q4_0 KV cache (`outputs/f16_kv4_amd`) scored 1.3-2.1 %
 below its teacher's perplexity. A model that only grew more confident would lower its predictive entropy with the
 NLL; one that fits the text better lowers the NLL at about the same entropy. This prints both per model (HF folders,
 fp32, KV in float) on the first `--windows` windows of `seq_len` tokens, the windows `eval/ppl.py` scores.
