@@ -5,10 +5,12 @@ The F16 teacher (`export_gguf(dtype="f16")`, as `bench_llamacpp.py` writes it) i
 quantized cache), with perplexity and KL(teacher || engine) as `bench_llamacpp.py --quality` computes them.
 
     python benchmarks/probe_kv_split.py
+    python benchmarks/probe_kv_split.py outputs/q40_8192_1100/export/model.gguf   # any GGUF of SmolLM2, e.g. a student
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -22,12 +24,17 @@ from qat_lightning.models.smollm2 import smollm2_gguf_path
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("gguf", nargs="?", help="the file to score (default: the F16 teacher, written if absent)")
+    args = ap.parse_args()
+    if args.gguf and not Path(args.gguf).is_file():
+        sys.exit(f"probe_kv_split: no such file {args.gguf}")
     torch.set_num_threads(2)
     teacher, tok = load_model({"source": "smollm2"})
-    f16 = Path("/tmp/qat_llamacpp/smollm2-f16.gguf")
-    if not f16.exists():
-        f16.parent.mkdir(parents=True, exist_ok=True)
-        export_gguf(teacher, tok, f16, source_gguf=smollm2_gguf_path(), dtype="f16")
+    path = Path(args.gguf or "/tmp/qat_llamacpp/smollm2-f16.gguf")
+    if not args.gguf and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_gguf(teacher, tok, path, source_gguf=smollm2_gguf_path(), dtype="f16")
     ids = corpus_ids(tok, "wikitext2")
     w = ids[: (ids.numel() // 512) * 512].view(-1, 512)[:16]
 
@@ -35,8 +42,9 @@ def main() -> None:
         with torch.inference_mode():
             return teacher(input_ids=x, use_cache=False).logits.float()
 
-    for k, v in (("q4_0", "f16"), ("f16", "q4_0")):
-        llm = _llama_cpp().Llama(str(f16), n_ctx=512, n_batch=512, n_ubatch=512, n_threads=2, n_threads_batch=2,
+    for k, v in (("q4_0", "f16"), ("f16", "q4_0")) if not args.gguf else (("f16", "f16"), ("q4_0", "f16"),
+                                                                           ("f16", "q4_0"), ("q4_0", "q4_0")):
+        llm = _llama_cpp().Llama(str(path), n_ctx=512, n_batch=512, n_ubatch=512, n_threads=2, n_threads_batch=2,
                                  logits_all=True, flash_attn=True, type_k=_ggml_type(k), type_v=_ggml_type(v),
                                  verbose=False)
         r = score_windows(llm, w, teacher_fn)
