@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from qat_lightning.eval import corpus_ids
-from qat_lightning.export.gguf import export_gguf
+from qat_lightning.export.gguf import GGUFError, check_gguf, export_gguf
 from qat_lightning.export.llamacpp import _ggml_type, _llama_cpp, score_windows
 from qat_lightning.models import load_model
 from qat_lightning.models.smollm2 import smollm2_gguf_path
@@ -35,6 +35,10 @@ def main() -> None:
     if not args.gguf and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         export_gguf(teacher, tok, path, source_gguf=smollm2_gguf_path(), dtype="f16")
+    try:
+        check_gguf(path, teacher)  # a truncated file or another model's is refused here, with one clear message
+    except GGUFError as err:
+        sys.exit(f"probe_kv_split: {err}")
     ids = corpus_ids(tok, "wikitext2")
     w = ids[: (ids.numel() // 512) * 512].view(-1, 512)[:16]
 
