@@ -26,6 +26,7 @@ from qat_lightning.baselines import (
     smooth_model,
     smoothquant,
 )
+from qat_lightning.baselines.awq import awq_scaled_model
 from qat_lightning.quant import QuantConfig, QuantSpec, compute_scale_zero, fake_quantize, iter_quant_linears
 from qat_lightning.quant.kv import kv_quantizer_of
 
@@ -296,6 +297,30 @@ def test_awq_block_output_error_not_worse_than_rtn():
             atol=1e-4,
             rtol=0,
         )
+
+
+@torch.no_grad()
+def test_awq_down_group_scales_up_rows_and_down_columns_and_keeps_the_fp_function():
+    """`down=True` (the reference's up→down group): down_proj's columns * s, up_proj's rows / s with one searched
+    s per layer; the q/k/v and gate/up scales are those of `down=False`; the FP logits do not move."""
+    teacher, batches = tiny_llama(outlier=5.0), calib()
+    qcfg = QuantConfig(w_bits=3, a_bits=8, kv_bits=8)
+    plain, with_down = awq_scaled_model(teacher, qcfg, batches, grid=10), awq_scaled_model(
+        teacher, qcfg, batches, grid=10, down=True)
+    moved = 0
+    for a, b in zip(plain.model.layers, with_down.model.layers):
+        s = b.mlp.down_proj.weight[0] / a.mlp.down_proj.weight[0]  # (intermediate,)
+        torch.testing.assert_close(b.mlp.down_proj.weight, a.mlp.down_proj.weight * s, rtol=1e-5, atol=0)
+        torch.testing.assert_close(b.mlp.up_proj.weight, a.mlp.up_proj.weight / s[:, None], rtol=1e-5, atol=0)
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj"):
+            assert torch.equal(b.get_submodule(name).weight, a.get_submodule(name).weight), name
+        moved += not torch.allclose(s, torch.ones_like(s))
+    assert moved > 0  # the outlier model's search leaves RTN (a = 0) somewhere
+    ids = batches[0]["input_ids"]
+    torch.testing.assert_close(with_down(ids).logits, teacher(ids).logits, atol=1e-4, rtol=0)
+    assert build_method("awq", {"down": True}).down
+    with pytest.raises(ValueError, match="down must be true or false"):
+        build_method("awq", {"down": "yes"})
 
 
 # ---- method objects ------------------------------------------------------------------------------

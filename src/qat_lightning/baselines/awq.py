@@ -8,6 +8,11 @@ channels (large mean |X|) get larger weights and so a finer relative grid. a = 0
 the chosen scale is never worse than RTN on the calibration data. The 1/s is folded into the norm, as
 SmoothQuant does, so the FP model is unchanged; the student then quantizes W/A/KV per `qcfg`.
 Layers are walked in order with `forward_layer`, holding one layer's activations at a time.
+
+`down=True` adds the reference's up→down group: down_proj's input ``act(gate) * up`` is linear in up_proj's
+output, so 1/s folds into up_proj's rows (exact in FP). Off by default so the AWQ figures recorded before it
+(docs/BENCHMARKS.md, RESULTS.md) stay this method's. The reference's v→o group is not searched: it skips it
+for GQA models (v and o shapes differ), and for ours the scale would move the quantized V cache too.
 """
 
 from __future__ import annotations
@@ -85,31 +90,39 @@ def awq_search_scale(
     return best_s, best_err, rtn_err
 
 
-def awq(teacher: nn.Module, qcfg: QuantConfig | Any, calib_batches: list[dict], grid: int = 20) -> nn.Module:
-    """AWQ student of `teacher`: searched scales folded into the norms, then RTN of W/A/KV per `qcfg`."""
-    return AWQ(grid=grid).build(teacher, as_quant_config(qcfg), calib_batches)
+def awq(
+    teacher: nn.Module, qcfg: QuantConfig | Any, calib_batches: list[dict], grid: int = 20, down: bool = False
+) -> nn.Module:
+    """AWQ student of `teacher`: searched scales folded into the norms (and up_proj), then RTN of W/A/KV."""
+    return AWQ(grid=grid, down=down).build(teacher, as_quant_config(qcfg), calib_batches)
 
 
 @register
 @dataclass
 class AWQ(Method):
-    """Activation-aware scales searched on `grid` exponents per group (`awq_scaled_model`), then RTN."""
+    """Activation-aware scales searched on `grid` exponents per group (`awq_scaled_model`), then RTN.
+
+    `down`: also the up→down group (the reference AWQ's fc2 scale).
+    """
 
     name: ClassVar[str] = "awq"
     needs_calibration: ClassVar[bool] = True
     grid: int = 20
+    down: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
             raise ValueError(f"grid must be a positive int, got {self.grid!r}")
+        if not isinstance(self.down, bool):
+            raise ValueError(f"down must be true or false, got {self.down!r}")
 
     def transform(self, model: nn.Module, qcfg: Any, calib_batches: list[dict] | None) -> nn.Module:
-        return awq_scaled_model(model, qcfg, calib_batches, self.grid)
+        return awq_scaled_model(model, qcfg, calib_batches, self.grid, self.down)
 
 
 @torch.no_grad()
 def awq_scaled_model(
-    teacher: nn.Module, qcfg: QuantConfig | Any, calib_batches: list[dict], grid: int = 20
+    teacher: nn.Module, qcfg: QuantConfig | Any, calib_batches: list[dict], grid: int = 20, down: bool = False
 ) -> nn.Module:
     """A copy of `teacher` with AWQ's searched scales folded into the norms (FP logits unchanged).
 
@@ -118,9 +131,10 @@ def awq_scaled_model(
         qcfg: the student's `QuantConfig`; the search uses exactly its per-module specs.
         calib_batches: list of dicts with ``input_ids (B, T)`` and optional ``attention_mask``.
         grid: number of exponents tried per group (a = k / grid).
+        down: also search down_proj's input scale and fold its 1/s into up_proj's rows.
     """
     qcfg = as_quant_config(qcfg)
-    AWQ(grid=grid)  # validates grid
+    AWQ(grid=grid, down=down)  # validates the parameters
     batches = check_calib_batches(calib_batches)
     model = copy.deepcopy(teacher)
     head_dim = adapter_for(model).head_dim
@@ -128,6 +142,8 @@ def awq_scaled_model(
     for i, layer in enumerate(decoder_layers(model)):
         groups = smooth_groups(layer)
         firsts = {next(iter(linears)): linears[next(iter(linears))] for _, linears in groups}
+        if down:
+            firsts[_DOWN] = layer.get_submodule(_DOWN)
         xs: dict[str, list[torch.Tensor]] = {name: [] for name in firsts}
         # Scaling keeps the FP output, so one pass gives both the groups' inputs and the next layer's.
         outputs = forward_layer(layer, i, inputs, firsts, lambda n, x: xs[n].append(x))
@@ -135,8 +151,24 @@ def awq_scaled_model(
             specs = [_student_specs(qcfg, f"model.layers.{i}.{name}", head_dim) for name in linears]
             s, _, _ = awq_search_scale(torch.cat(xs[next(iter(linears))]), list(linears.values()), specs, grid)
             fold_scales(norm, list(linears.values()), s)
+        if down:
+            up, down_proj = layer.get_submodule(_UP), layer.get_submodule(_DOWN)
+            specs = [_student_specs(qcfg, f"model.layers.{i}.{_DOWN}", head_dim)]
+            s, _, _ = awq_search_scale(torch.cat(xs[_DOWN]), [down_proj], specs, grid)  # s: (intermediate,)
+            fold_up_down(up, down_proj, s)
         inputs.hidden = outputs
     return model
+
+
+_UP, _DOWN = "mlp.up_proj", "mlp.down_proj"
+
+
+def fold_up_down(up: nn.Linear, down: nn.Linear, s: torch.Tensor) -> None:
+    """up_proj's rows / s, down_proj's columns * s: ``down(act(gate) * up)`` is unchanged in FP."""
+    up.weight.div_(s.to(up.weight.dtype).unsqueeze(1))  # (intermediate, H) / (intermediate, 1)
+    if up.bias is not None:
+        up.bias.div_(s.to(up.bias.dtype))
+    down.weight.mul_(s.to(down.weight.dtype))  # (H, intermediate) * (intermediate,)
 
 
 def _student_specs(qcfg: QuantConfig, name: str, head_dim: int) -> tuple[QuantSpec, QuantSpec, QuantSpec]:
