@@ -45,6 +45,22 @@ def test_every_experiment_composes_and_validates(exp):
         assert cfg.optim.lr == 2e-5 and cfg.optim.weight_decay == 0.0
 
 
+def test_q4_0_kv4_recipe_is_the_command_its_figures_came_from():
+    """The recipe's scores (docs/BENCHMARKS.md, "AWQ-down") were measured with command-line overrides on
+    smollm2_q4_0_kv4; the experiment must compose to that same config, or the figures are not its own."""
+    from omegaconf import OmegaConf
+
+    measured = ["+exp=smollm2_q4_0_kv4", "init=awq", "methods.awq.down=true", "generation.num_sequences=8192",
+                "generation.batch_size=64", "optim.lr=1.4e-4", "optim.min_lr_ratio=0", "optim.warmup_steps=20",
+                "trainer.max_steps=1100", "trainer.max_epochs=3", "stages=[generate,train,export]",
+                "export.format=gguf"]
+    recipe = OmegaConf.to_container(compose(["+exp=smollm2_q4_0_kv4_recipe"]))
+    command = OmegaConf.to_container(compose(measured))
+    assert recipe.pop("name") == "smollm2_q4_0_kv4_recipe"
+    command.pop("name")
+    assert recipe == command
+
+
 # llama13b_* / llama30b_* differ from llama7b_* only in the hub model, which the tiny stand-in replaces: their
 # tiny runs repeat llama7b's settings, so they run with the slow tests (they still compose and validate above)
 RUN_EXPERIMENTS = [pytest.param(e, marks=pytest.mark.slow) if e.startswith(("llama13b", "llama30b")) else e
