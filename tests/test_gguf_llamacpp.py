@@ -141,6 +141,35 @@ def test_rotated_r1_r2_student_runs_in_llamacpp_as_a_plain_untied_llama(tmp_path
     assert a["kl"] < 2e-5 and a["rel_max"] < 0.02 and a["top1"] >= 0.98, a
 
 
+@pytest.mark.parametrize("kv", ["f16", "q4_0"])
+def test_a_k_proj_bias_runs_in_llamacpp_as_attn_k_bias(tmp_path, kv):
+    """Key centering's k_proj bias is llama.cpp's `attn_k.bias`, added before RoPE in the permuted row order:
+    the engine computes the biased student's logits (a random bias, large enough to move them)."""
+    from qat_lightning.export.gguf import read_gguf_tensor
+
+    model = _tiny(seed=5)
+    student = quantize_model(model, _q4_0(kv))
+    export_gguf(student, None, tmp_path / "plain.gguf", source_gguf=smollm2_gguf_path())
+    gen = torch.Generator().manual_seed(7)
+    for layer in student.model.layers:
+        k_proj = layer.self_attn.k_proj
+        k_proj.bias = torch.nn.Parameter(torch.randn(k_proj.out_features, generator=gen), requires_grad=False)
+    export_gguf(student, None, tmp_path / "biased.gguf", source_gguf=smollm2_gguf_path())
+    bias = student.model.layers[1].self_attn.k_proj.bias
+    assert torch.equal(read_gguf_tensor(tmp_path / "biased.gguf", "blk.1.attn_k.bias"), bias.float())
+    ids = _ids(seed=6)
+    with torch.inference_mode():
+        ref = student(ids[None]).logits[0]
+    outs = {}
+    for name in ("biased", "plain"):
+        llm = load_gguf(tmp_path / f"{name}.gguf", n_ctx=128, kv_type=kv, model=model)
+        outs[name] = llamacpp_logits(llm, ids)
+        llm.close()
+    a = _agreement(outs["biased"], ref)
+    assert a["kl"] < 2e-5 and a["rel_max"] < 0.02 and a["top1"] >= 0.98, a
+    assert _agreement(outs["plain"], ref)["kl"] > 10 * a["kl"]
+
+
 def test_kv_rotation_off_in_the_engine_matches_kv_hadamard_false(tiny_files, monkeypatch):
     """LLAMA_ATTN_ROT_DISABLE=1 is `kv_hadamard: false`: the emulation follows llama.cpp's switch."""
     model, root = tiny_files
@@ -285,6 +314,34 @@ def test_a_q4_0_run_exports_its_gguf_and_scores_it_beside_the_engines_own_rows(t
     out = capsys.readouterr().out
     assert "| gguf_ptq |" in out and f"llama-cli -m {tmp_path}/run/export/model.gguf -fa on -ctk q8_0 -ctv q8_0" in out
     assert (tmp_path / "run" / "export" / "Modelfile").read_text() == "FROM ./model.gguf\n"
+
+
+def test_a_key_centered_export_writes_attn_k_biases_and_leaves_the_student_alone(tmp_path):
+    """export.key_center_pairs on a q4_0-KV run: the GGUF gains one attn_k.bias a layer (keys centered on the
+    generated corpus), the saved student keeps its bias-free k_proj, llama.cpp scores the file like the student
+    (a tiny random model's key offsets are small, so centering barely moves it) and the run records what was done."""
+    shared_data_or_skip()
+    from safetensors.torch import load_file
+
+    from conftest import compose, tiny_overrides
+    from qat_lightning.config import validate_config
+    from qat_lightning.results import load_results
+    from qat_lightning.stages import RunContext, run_stages
+
+    tiny_llama = ["model.tokenizer=smollm2", "model.vocab_size=49152", "model.hidden_size=128", "model.num_heads=2",
+                  "model.num_kv_heads=1", "model.intermediate_size=256"]
+    cfg = validate_config(compose([
+        "+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), *tiny_llama, "quant=q4_0_kv4", "logger=none",
+        "trainer.max_steps=2", "stages=[generate,train,export,evaluate]", "export.format=gguf",
+        "export.key_center_pairs=4", "export.key_center_sequences=8", f"export.gguf_source={smollm2_gguf_path()}",
+        "evaluate.methods=[qat,gguf]", "evaluate.tasks=[wikitext2]", "evaluate.seq_len=64", "evaluate.max_windows=2"]))
+    run_stages(RunContext(cfg, tmp_path / "run"))
+    res = load_results(tmp_path / "run")
+    assert res["export/key_center/n_pairs"] == 4 and res["export/key_center/calib_sequences"] == 8
+    names = {t.name for t in GGUFReader(tmp_path / "run" / "export" / "model.gguf").tensors}
+    assert sorted(n for n in names if n.endswith(".bias")) == [f"blk.{i}.attn_k.bias" for i in range(2)]
+    assert not any(k.endswith(".bias") for k in load_file(tmp_path / "run" / "student" / "student.safetensors"))
+    assert res["evaluate/gguf/wikitext2_ppl"] == pytest.approx(res["evaluate/qat/wikitext2_ppl"], rel=2e-2)
 
 
 def test_engine_baselines_refuse_a_kv_width_llamacpp_lacks(tmp_path):

@@ -193,6 +193,8 @@ def stage_export(ctx: RunContext) -> None:
     if cfg.export.is_gguf:
         from qat_lightning.export.gguf import export_gguf
 
+        if cfg.export.key_center_pairs:
+            student = _key_centered(ctx, student)
         stats = export_gguf(student, tokenizer, out / cfg.export.gguf_file, source_gguf=_source_gguf(ctx),
                             dtype=cfg.export.gguf_dtype, tokenizer_pre=cfg.export.gguf_tokenizer_pre)
         ctx.deployed_gguf = Path(stats["path"])
@@ -214,6 +216,22 @@ def stage_export(ctx: RunContext) -> None:
     log.info("exported to %s: %s", out, stats)
     ctx.record("export", "student", {k: v for k, v in stats.items() if isinstance(v, (int, float))
                                      and not isinstance(v, bool)})
+
+
+def _key_centered(ctx: RunContext, student: nn.Module) -> nn.Module:
+    """A copy of `student` whose keys are centered on the corpus (`export/key_center.py`); the student stays."""
+    import copy
+
+    from qat_lightning.data.shards import load_generated
+    from qat_lightning.export.key_center import center_keys, describe
+
+    exp = ctx.cfg.export
+    sequences = load_generated(ensure_corpus(ctx), exp.key_center_sequences)
+    centered = copy.deepcopy(student)
+    info = center_keys(centered, sequences, exp.key_center_pairs)
+    log.info(describe(info))
+    ctx.record("export", "key_center", {k: v for k, v in info.items() if isinstance(v, (int, float))})
+    return centered
 
 
 def _source_gguf(ctx: RunContext) -> str | None:

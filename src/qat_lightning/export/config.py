@@ -31,6 +31,9 @@ class ExportConfig:
             is written from the HF one.
         gguf_tokenizer_pre: llama.cpp's pre-tokenizer name when the tokenizer is written from HF (e.g.
             "llama-bpe"); None: llama.cpp's "default".
+        key_center_pairs: before writing a GGUF, give k_proj a bias that removes the keys' mean on this many
+            of RoPE's slowest pairs (`export/key_center.py`; lowers a q4_0 KV cache's cost); 0: off.
+        key_center_sequences: generated-corpus sequences the keys' mean is taken over (data-free).
     """
 
     out_dir: str | None = None
@@ -41,8 +44,16 @@ class ExportConfig:
     gguf_dtype: str = "f16"
     gguf_source: str | None = None
     gguf_tokenizer_pre: str | None = None
+    key_center_pairs: int = 0
+    key_center_sequences: int = 128
 
     def __post_init__(self) -> None:
+        if self.key_center_pairs < 0 or self.key_center_sequences < 1:
+            raise ValueError("export.key_center_pairs must be >= 0 and export.key_center_sequences >= 1, got "
+                             f"{self.key_center_pairs} / {self.key_center_sequences}")
+        if self.key_center_pairs and self.format != "gguf":
+            raise ValueError("export.key_center_pairs is for llama.cpp's KV cache: it needs export.format=gguf, "
+                             f"got {self.format!r}")
         if self.format not in FORMATS:
             raise ValueError(f"export.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         for key in ("scale_dtype", "fp_dtype"):

@@ -14,7 +14,9 @@ Layout (what llama.cpp's convert_hf_to_gguf.py writes for the Llama architecture
 * metadata ``llama.*`` (GQA head counts, RoPE base/dims, RMSNorm eps, context length) and the tokenizer:
   copied from the source GGUF when the model came from one, else written from the HF tokenizer
   (byte-level BPE or SentencePiece);
-* norms F32; other tensors the student's ggml type, or `dtype` (f16 | f32) when not quantized.
+* norms F32; other tensors the student's ggml type, or `dtype` (f16 | f32) when not quantized;
+* ``blk.{i}.attn_q|attn_k|attn_v|attn_output.bias`` F32 where the module has a bias (llama.cpp's Llama reads
+  them when present; key centering, `export/key_center.py`, adds attn_k's), q/k ones permuted like the rows.
 
 The file is written to a temp name and renamed, so a crash never leaves a file that looks complete.
 `check_gguf` refuses a truncated file or one that does not match a model, with a message saying which.
@@ -156,6 +158,11 @@ def _iter_tensors(model: nn.Module, hp: dict, dtype: str) -> Iterator[tuple[str,
             qtype = _module_type(module, dtype)
             n_rope = hp["n_head"] if gname == "attn_q" else hp["n_head_kv"] if gname == "attn_k" else None
             yield f"blk.{i}.{gname}.weight", _tensor_data(module.weight, qtype, n_rope, _learned_scale(module)), qtype
+            if module.bias is not None:  # llama.cpp adds attn_q/k/v/output biases (key centering writes attn_k's)
+                if gname.startswith("ffn_"):
+                    raise GGUFError(f"export_gguf: llama.cpp's Llama has no {gname} bias (layer {i})")
+                bias = module.bias.detach().float().cpu()  # (out,): rows permuted like the weight's
+                yield f"blk.{i}.{gname}.bias", (ggml.permute_rope_rows(bias, n_rope) if n_rope else bias).numpy(), "f32"
     yield "output_norm.weight", model.model.norm.weight.detach().float().cpu().numpy(), "f32"
     if not _is_tied(model):
         head = model.get_output_embeddings()
@@ -429,8 +436,8 @@ def read_gguf_tensors(
         t = by_name[name]
         w = np.asarray(g.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         w = torch.from_numpy(w.reshape([int(n) for n in reversed(t.shape)]).copy())
-        if unpermute and name.endswith(("attn_q.weight", "attn_k.weight")):
-            w = ggml.unpermute_rope_rows(w, heads["head_count" if name.endswith("attn_q.weight") else "head_count_kv"])
+        if unpermute and name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
+            w = ggml.unpermute_rope_rows(w, heads["head_count" if ".attn_q." in name else "head_count_kv"])
         out[name] = w
     return out
 
