@@ -46,14 +46,15 @@ def test_every_experiment_composes_and_validates(exp):
 
 
 def test_q4_0_kv4_recipe_is_the_command_its_figures_came_from():
-    """The recipe's scores (docs/BENCHMARKS.md, "AWQ-down") were measured with command-line overrides on
-    smollm2_q4_0_kv4; the experiment must compose to that same config, or the figures are not its own."""
+    """The recipe's scores (docs/BENCHMARKS.md, "AWQ-down" and "Key centering") were measured with command-line
+    overrides on smollm2_q4_0_kv4 (the export stage with its key centering rerun on the saved students); the
+    experiment must compose to that same config, or the figures are not its own."""
     from omegaconf import OmegaConf
 
     measured = ["+exp=smollm2_q4_0_kv4", "init=awq", "methods.awq.down=true", "generation.num_sequences=8192",
                 "generation.batch_size=64", "optim.lr=1.4e-4", "optim.min_lr_ratio=0", "optim.warmup_steps=20",
                 "trainer.max_steps=1100", "trainer.max_epochs=3", "stages=[generate,train,export]",
-                "export.format=gguf"]
+                "export.format=gguf", "export.key_center_pairs=4"]
     recipe = OmegaConf.to_container(compose(["+exp=smollm2_q4_0_kv4_recipe"]))
     command = OmegaConf.to_container(compose(measured))
     assert recipe.pop("name") == "smollm2_q4_0_kv4_recipe"
