@@ -121,10 +121,12 @@ def build_rotated_files(work: Path, teacher: torch.nn.Module, tokenizer, seed: i
 
 
 def speed(files: dict[str, Path], contexts: list[int], n_gen: int, repeats: int, threads: int,
-          only: list[str] | None = None) -> list[dict]:
-    """Interleaved timing: every row once per round, medians over rounds."""
+          only: list[str] | None = None, students: list[str] = ()) -> list[dict]:
+    """Interleaved timing: every row once per round, medians over rounds; each --student file is timed with
+    an f16 and a q4_0 KV cache as rows `<name>` and `<name> + q4_0 KV`."""
     rows = []
-    chosen = [r for r in SPEED_ROWS if not only or r[0] in only]
+    table = SPEED_ROWS + [row for n in students for row in ((n, n, "f16"), (f"{n} + q4_0 KV", n, "q4_0"))]
+    chosen = [r for r in table if not only or r[0] in only]
     for ctx in contexts:
         llms = {name: load_gguf(files[f], n_ctx=ctx, kv_type=kv, n_threads=threads, logits_all=False)
                 for name, f, kv in chosen}
@@ -194,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quality", action="store_true", help="the perplexity/KL table instead of speed")
     p.add_argument("--harness", action="store_true", help="with --quality: also our PyTorch harness' perplexity")
     p.add_argument("--student", nargs="+", default=None,
-                   help="trained students' GGUFs to add to the quality table (several: rows student:<run dir>)")
+                   help="trained students' GGUFs to add to the quality table, or to time beside llama.cpp's "
+                        "files (several: rows student:<run dir>)")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--n-gen", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
             a = f"{r['kl_student']:.2e} | {r['top1_student']:.4f}" if "kl_student" in r else "- | -"
             print(f"| {r['file']} | {r['kv']} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} | {h} | {a} |")
     else:
-        rows = speed(files, args.contexts, args.n_gen, args.repeats, args.threads, args.rows)
+        rows = speed(files, args.contexts, args.n_gen, args.repeats, args.threads, args.rows, list(students))
         print("\n| file | context | size MB | KV MB | prompt tok/s | decode tok/s |\n|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['file']} | {r['context']} | {r['size_mb']:.1f} | {r['kv_mb']:.1f} | "

@@ -5,7 +5,8 @@ sequences on the n slowest RoPE pairs. This scores a trained student (`--run`, i
 KV cache of `--cases`) or the teacher (`--teacher`: weights unquantized, only the KV cache in llama.cpp's
 blocks) on WikiText-2 (512-token windows: the goal windows 0-15 and, with `--held-out`, windows 16-63) for
 each (KV bits, n) case; n = 0 is the file as it is. The means come from the first `--sequences` sequences of
-the generated corpus, as `export.key_center_pairs` takes them.
+the generated corpus, run through the first case's model (its KV cache included, which changes what later layers
+see), as `export.key_center_pairs` takes them through the trained student.
 
     QAT_DATA_DIR=../shared/data python benchmarks/probe_key_center.py --run outputs/q40_8192_1100_awqdown \
         --held-out --cases 4:0 4:3 4:4 4:5 4:6 4:7 8:0 8:4
