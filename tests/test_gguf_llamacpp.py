@@ -46,6 +46,9 @@ from qat_lightning.models.smollm2 import smollm2_gguf_path  # noqa: E402
 from qat_lightning.quant import as_quant_config, quantize_model  # noqa: E402
 
 KV_BITS = {"f16": 16, "q8_0": 8, "q4_0": 4}
+# a tiny random Llama that a GGUF can hold: SmolLM2's tokenizer and vocabulary, one KV head of dim 64
+TINY_LLAMA = ["model.tokenizer=smollm2", "model.vocab_size=49152", "model.hidden_size=128", "model.num_heads=2",
+              "model.num_kv_heads=1", "model.intermediate_size=256"]
 
 
 def _q4_0(kv: str = "q8_0", **kw):
@@ -295,10 +298,8 @@ def test_a_q4_0_run_exports_its_gguf_and_scores_it_beside_the_engines_own_rows(t
     from qat_lightning.results import load_results
     from qat_lightning.stages import RunContext, run_stages
 
-    tiny_llama = ["model.tokenizer=smollm2", "model.vocab_size=49152", "model.hidden_size=128", "model.num_heads=2",
-                  "model.num_kv_heads=1", "model.intermediate_size=256"]
     cfg = validate_config(compose([
-        "+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), *tiny_llama, "quant=q4_0", "logger=none",
+        "+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), *TINY_LLAMA, "quant=q4_0", "logger=none",
         "trainer.max_steps=2", "stages=[generate,train,export,evaluate]", "export.format=gguf",
         f"export.gguf_source={smollm2_gguf_path()}", "evaluate.methods=[gguf_f16,gguf_ptq,gguf]",
         "evaluate.tasks=[wikitext2]", "evaluate.seq_len=64", "evaluate.max_windows=2"]))
@@ -328,10 +329,8 @@ def test_a_key_centered_export_writes_attn_k_biases_and_leaves_the_student_alone
     from qat_lightning.results import load_results
     from qat_lightning.stages import RunContext, run_stages
 
-    tiny_llama = ["model.tokenizer=smollm2", "model.vocab_size=49152", "model.hidden_size=128", "model.num_heads=2",
-                  "model.num_kv_heads=1", "model.intermediate_size=256"]
     cfg = validate_config(compose([
-        "+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), *tiny_llama, "quant=q4_0_kv4", "logger=none",
+        "+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), *TINY_LLAMA, "quant=q4_0_kv4", "logger=none",
         "trainer.max_steps=2", "stages=[generate,train,export,evaluate]", "export.format=gguf",
         "export.key_center_pairs=4", "export.key_center_sequences=8", f"export.gguf_source={smollm2_gguf_path()}",
         "evaluate.methods=[qat,gguf]", "evaluate.tasks=[wikitext2]", "evaluate.seq_len=64", "evaluate.max_windows=2"]))
@@ -365,10 +364,8 @@ def test_a_learned_scale_q4_0_run_scores_the_same_in_llamacpp_and_our_harness(tm
     from qat_lightning.results import load_results
     from qat_lightning.stages import RunContext, run_stages
 
-    tiny_llama = ["model.tokenizer=smollm2", "model.vocab_size=49152", "model.hidden_size=128", "model.num_heads=2",
-                  "model.num_kv_heads=1", "model.intermediate_size=256"]
     cfg = validate_config(compose([
-        "+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), *tiny_llama, "quant=q4_0_kv4_lsq", "logger=none",
+        "+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), *TINY_LLAMA, "quant=q4_0_kv4_lsq", "logger=none",
         "trainer.max_steps=3", "optim.lr=1e-3", "optim.scale_lr=1e-3", "stages=[generate,train,export,evaluate]",
         "export.format=gguf", f"export.gguf_source={smollm2_gguf_path()}", "evaluate.methods=[qat,gguf]",
         "evaluate.tasks=[wikitext2]", "evaluate.seq_len=64", "evaluate.max_windows=2"]))

@@ -35,11 +35,6 @@ def slowest_pair_angles(head_dim: int, rope_theta: float, n_pairs: int, context:
     return [context * rope_theta ** (-2 * j / head_dim) for j in range(half - n_pairs, half)]
 
 
-def _rope_theta(config) -> float:
-    rope = getattr(config, "rope_parameters", None) or {}
-    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
 @torch.no_grad()
 def key_means(model: nn.Module, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     """Per decoder layer, the mean of k_proj's output (pre-RoPE keys, (n_kv * head_dim,)) over every token."""
@@ -90,11 +85,10 @@ def center_keys(model: nn.Module, sequences: Sequence[Sequence[int]], n_pairs: i
         else:
             k_proj.bias.data.add_(shift)
         removed.append(float(mean[mask].pow(2).sum() / mean.pow(2).sum().clamp_min(1e-30)))
-    theta = _rope_theta(model.config)
     return {
         "n_pairs": n_pairs,
-        "max_angle_512": max(slowest_pair_angles(ad.head_dim, theta, n_pairs, 512)),
-        "max_angle_2048": max(slowest_pair_angles(ad.head_dim, theta, n_pairs, 2048)),
+        "max_angle_512": max(slowest_pair_angles(ad.head_dim, ad.rope_theta, n_pairs, 512)),
+        "max_angle_2048": max(slowest_pair_angles(ad.head_dim, ad.rope_theta, n_pairs, 2048)),
         "mean_share_removed": sum(removed) / len(removed),  # share of the mean's energy on the centered pairs
         "calib_sequences": len(sequences),
         "calib_tokens": sum(len(s) for s in sequences),
@@ -107,4 +101,3 @@ def describe(info: dict[str, object]) -> str:
             f"{info['max_angle_512']:.3f} rad over 512 tokens, {info['max_angle_2048']:.3f} over 2048), "
             f"{100 * info['mean_share_removed']:.0f} % of the key mean's energy removed, from "
             f"{info['calib_sequences']} sequences / {info['calib_tokens']} tokens")
-

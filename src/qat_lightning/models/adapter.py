@@ -47,6 +47,7 @@ class ModelAdapter:
     vocab_size: int
     tied_embeddings: bool
     qkv_bias: bool
+    rope_theta: float = 10000.0  # RoPE base: pair j of a head turns by rope_theta ** (-2j / head_dim) a token
 
     @property
     def kv_width(self) -> int:
@@ -153,4 +154,11 @@ def adapter_for(model_or_config: Any) -> ModelAdapter:
         vocab_size=config.vocab_size,
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or bool(getattr(config, "attention_bias", False)),
+        rope_theta=_rope_theta(config),
     )
+
+
+def _rope_theta(config: Any) -> float:
+    """transformers 5 keeps the RoPE base in `rope_parameters`, earlier versions in `rope_theta`."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
