@@ -332,11 +332,12 @@ def test_a_key_centered_export_writes_attn_k_biases_and_leaves_the_student_alone
     cfg = validate_config(compose([
         "+exp=tiny_w4a8kv4", *tiny_overrides(tmp_path), *TINY_LLAMA, "quant=q4_0_kv4", "logger=none",
         "trainer.max_steps=2", "stages=[generate,train,export,evaluate]", "export.format=gguf",
-        "export.key_center_pairs=4", "export.key_center_sequences=8", f"export.gguf_source={smollm2_gguf_path()}",
+        "export.key_center_pairs=4", f"export.gguf_source={smollm2_gguf_path()}",
         "evaluate.methods=[qat,gguf]", "evaluate.tasks=[wikitext2]", "evaluate.seq_len=64", "evaluate.max_windows=2"]))
     run_stages(RunContext(cfg, tmp_path / "run"))
     res = load_results(tmp_path / "run")
-    assert res["export/key_center/n_pairs"] == 4 and res["export/key_center/calib_sequences"] == 8
+    # the default 128 calibration sequences, from a corpus of 16: all 16 are used
+    assert res["export/key_center/n_pairs"] == 4 and res["export/key_center/calib_sequences"] == 16
     names = {t.name for t in GGUFReader(tmp_path / "run" / "export" / "model.gguf").tensors}
     assert sorted(n for n in names if n.endswith(".bias")) == [f"blk.{i}.attn_k.bias" for i in range(2)]
     assert not any(k.endswith(".bias") for k in load_file(tmp_path / "run" / "student" / "student.safetensors"))

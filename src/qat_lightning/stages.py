@@ -226,7 +226,8 @@ def _key_centered(ctx: RunContext, student: nn.Module) -> nn.Module:
     from qat_lightning.export.key_center import center_keys, describe
 
     exp = ctx.cfg.export
-    sequences = load_generated(ensure_corpus(ctx), exp.key_center_sequences)
+    n = min(exp.key_center_sequences, ctx.cfg.generation.num_sequences)  # a small corpus lends all it has
+    sequences = load_generated(ensure_corpus(ctx), n)
     centered = copy.deepcopy(student)
     info = center_keys(centered, sequences, exp.key_center_pairs)
     log.info(describe(info))
