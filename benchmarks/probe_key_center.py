@@ -31,8 +31,8 @@ from common import q4_0_config  # noqa: E402
 from qat_lightning.data.shards import load_generated  # noqa: E402
 from qat_lightning.eval import corpus_ids  # noqa: E402
 from qat_lightning.eval.ppl import perplexity  # noqa: E402
+from qat_lightning.export.key_center import center_keys, key_means  # noqa: E402
 from qat_lightning.models import load_model  # noqa: E402
-from qat_lightning.models.adapter import adapter_for  # noqa: E402
 from qat_lightning.quant import QuantConfig, quantize_model  # noqa: E402
 
 CORPUS = "data/generated/smollm2-135m/hybrid-41e33420a0"
@@ -66,16 +66,10 @@ def main() -> int:
         if state is not None:
             model.load_state_dict(state, strict=False)
         model.eval()
-        ad = adapter_for(model)
-        if means is None:  # k_proj's output does not depend on the KV cache: one pass serves every case
-            from qat_lightning.export.key_center import key_means
-
+        if means is None:  # taken once, through the first case's model (its KV cache included)
             means = key_means(model, seqs)
-        half = ad.head_dim // 2
-        mask = (torch.arange(half) >= half - n).repeat(2).repeat(ad.num_kv_heads)  # channels j and j + hd/2
         if n:
-            for layer, mean in zip(ad.layers(model), means, strict=True):
-                ad.attention(layer).k_proj.bias = torch.nn.Parameter(torch.where(mask, -mean, 0.0).float())
+            center_keys(model, seqs, n, means=means)
         t0 = time.time()
         with torch.no_grad():
             goal = perplexity(model, ids[: 16 * 512], 512)["ppl"]

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qat_lightning.models.adapter import adapter_for
 from qat_lightning.quant import ggml
 
 __all__ = ["GGUFError", "check_gguf", "export_gguf", "gguf_tensor_types", "read_gguf_tensor", "read_gguf_tensors"]
@@ -93,12 +94,11 @@ def _hparams(config: Any) -> dict[str, Any]:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = getattr(config, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     return {
         "n_layer": config.num_hidden_layers, "n_embd": config.hidden_size, "n_ff": config.intermediate_size,
         "n_head": heads, "n_head_kv": config.num_key_value_heads or heads, "head_dim": head_dim,
-        "eps": float(config.rms_norm_eps), "rope_theta": float(theta), "n_ctx": config.max_position_embeddings,
-        "rope": rope,
+        "eps": float(config.rms_norm_eps), "rope_theta": adapter_for(config).rope_theta,
+        "n_ctx": config.max_position_embeddings, "rope": rope,
     }
 
 

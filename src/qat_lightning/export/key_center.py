@@ -63,17 +63,19 @@ def key_means(model: nn.Module, sequences: Sequence[Sequence[int]]) -> list[torc
     return [s / count for s in sums]
 
 
-def center_keys(model: nn.Module, sequences: Sequence[Sequence[int]], n_pairs: int) -> dict[str, object]:
+def center_keys(model: nn.Module, sequences: Sequence[Sequence[int]], n_pairs: int,
+                means: list[torch.Tensor] | None = None) -> dict[str, object]:
     """Give every k_proj a bias of minus the keys' mean on the `n_pairs` slowest RoPE pairs (in place).
 
-    `sequences`: calibration token ids (the generated corpus: data-free). A k_proj that already has a bias
-    keeps it and is shifted by the same amount. Returns what was done, for the run's record.
+    `sequences`: calibration token ids (the generated corpus: data-free). `means`: `key_means` of them when
+    already at hand (a sweep over `n_pairs`). A k_proj that already has a bias keeps it and is shifted by the
+    same amount. Returns what was done, for the run's record.
     """
     ad = adapter_for(model)
     half = ad.head_dim // 2
     if not 1 <= n_pairs <= half:
         raise ValueError(f"key centering: n_pairs must be in 1..{half} (head_dim {ad.head_dim}), got {n_pairs}")
-    means = key_means(model, sequences)
+    means = key_means(model, sequences) if means is None else means
     pair = torch.arange(half) >= half - n_pairs  # (hd/2,): pair j is channels j and j + hd/2 (rotate_half)
     mask = pair.repeat(2).repeat(ad.num_kv_heads)  # (n_kv * hd,)
     removed = []
